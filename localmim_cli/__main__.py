@@ -1,0 +1,3 @@
+from localmim_cli.cli import main
+
+main()

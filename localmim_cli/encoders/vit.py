@@ -1,0 +1,164 @@
+"""Vision Transformer that encodes visible patches only and exposes several taps.
+
+Parameter names follow timm's VisionTransformer (patch_embed, cls_token, pos_embed, blocks.N),
+so the encoder's weights load into `timm.create_model("vit_base_patch16_224")` unchanged; the
+tap norms are ours (`tap_norms.K`), one LayerNorm per tap as in the published model.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, model_validator
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from localmim_cli.encoders.base import ENCODER_API_VERSION, MaskedEncoder, TapInfo, TapOutput
+from localmim_cli.plugin_api import EncoderPlugin
+from localmim_cli.pos_embed import sincos_2d
+
+# Published sizes (width, depth, heads); the patch size is a separate option.
+VIT_ARCHS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_huge": (1280, 32, 16),
+}
+
+
+class ViTOptions(BaseModel):
+    """Options of the built-in `vit` encoder. `arch` fills width, depth and heads unless given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"] | None = "vit_base"
+    patch_size: int = 16
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path: float = 0.0
+
+    @model_validator(mode="after")
+    def _fill_from_arch(self) -> "ViTOptions":
+        if self.arch is not None:
+            width, depth, heads = VIT_ARCHS[self.arch]
+            self.embed_dim = self.embed_dim or width
+            self.depth = self.depth or depth
+            self.num_heads = self.num_heads or heads
+        missing = [n for n in ("embed_dim", "depth", "num_heads") if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"set arch or all of embed_dim, depth, num_heads (missing: {missing})")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.embed_dim % 4:
+            raise ValueError(f"embed_dim {self.embed_dim} must be divisible by 4 (2-D sin-cos positions)")
+        return self
+
+    @property
+    def timm_name(self) -> str | None:
+        """The timm architecture this encoder's weights load into, when there is one."""
+        for name, dims in VIT_ARCHS.items():
+            if dims == (self.embed_dim, self.depth, self.num_heads) and self.mlp_ratio == 4.0:
+                return f"{name}_patch{self.patch_size}_224"
+        return None
+
+
+def default_vit_taps(depth: int) -> list[int]:
+    """Published taps, 1-indexed: layers 2, 4, L-2 and L."""
+    return [2, 4, depth - 2, depth]
+
+
+class MaskedViT(MaskedEncoder):
+    def __init__(self, options: ViTOptions, img_size: int, tap_layers: list[int],
+                 layer_norm_eps: float = 1e-6):
+        super().__init__()
+        if img_size % options.patch_size:
+            raise ValueError(f"image size {img_size} is not divisible by patch size {options.patch_size}")
+        depth = options.depth
+        bad = [t for t in tap_layers if not 1 <= t <= depth]
+        if bad:
+            raise ValueError(f"taps {bad} are outside the encoder's layers 1..{depth}")
+        if sorted(set(tap_layers)) != list(tap_layers):
+            raise ValueError(f"taps must be increasing and distinct, got {tap_layers}")
+        self.options = options
+        self.unit_px = options.patch_size
+        side = img_size // options.patch_size
+        self.unit_grid = (side, side)
+        self.tap_layers = list(tap_layers)
+        self.taps = [TapInfo(options.embed_dim, options.patch_size) for _ in tap_layers]
+
+        dim = options.embed_dim
+        self.patch_embed = PatchEmbed(img_size, options.patch_size, 3, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(sincos_2d(dim, side, side, cls_token=True), requires_grad=False)
+        drop_path = torch.linspace(0, options.drop_path, depth).tolist()
+        norm = functools.partial(nn.LayerNorm, eps=layer_norm_eps)
+        self.blocks = nn.ModuleList(
+            Block(dim, options.num_heads, options.mlp_ratio, qkv_bias=options.qkv_bias,
+                  drop_path=drop_path[i], norm_layer=norm)
+            for i in range(depth)
+        )
+        self.tap_norms = nn.ModuleList(norm(dim) for _ in tap_layers)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # MAE's initialisation: patch projection as a linear layer, tokens N(0, .02), xavier linears.
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        # (B, 3, H, W) -> (B, L, C) with positions added
+        return self.patch_embed(images) + self.pos_embed[:, 1:, :]
+
+    def _cls(self, batch: int) -> torch.Tensor:
+        return (self.cls_token + self.pos_embed[:, :1, :]).expand(batch, -1, -1)
+
+    def forward_taps(self, images, ids_keep, ids_restore):
+        x = self._embed(images)
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, n_keep, C)
+        x = torch.cat([self._cls(x.shape[0]), x], dim=1)
+        outputs = []
+        # Blocks above the highest tap get no loss in pretraining, so they are not run.
+        for i, block in enumerate(self.blocks[: self.tap_layers[-1]], start=1):
+            x = block(x)
+            if i in self.tap_layers:
+                k = self.tap_layers.index(i)
+                outputs.append(TapOutput(self.tap_norms[k](x), 1, self.unit_grid, ids_restore))
+        return outputs
+
+    def forward_features(self, images):
+        x = self._embed(images)
+        x = torch.cat([self._cls(x.shape[0]), x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        if self.tap_layers[-1] == len(self.blocks):
+            x = self.tap_norms[-1](x)
+        return x[:, 1:, :].mean(dim=1)
+
+
+def build_vit(options: ViTOptions, img_size: int, tap_layers: list[int] | None) -> MaskedViT:
+    return MaskedViT(options, img_size, tap_layers or default_vit_taps(options.depth))
+
+
+plugin = EncoderPlugin(
+    name="vit",
+    api_version=ENCODER_API_VERSION,
+    options=ViTOptions,
+    build=build_vit,
+    summary="Vision Transformer (timm blocks), published LocalMIM taps at layers 2, 4, L-2, L",
+)

@@ -1,0 +1,1 @@
+"""Reconstruction targets: what each local decoder learns to predict, per cell of pixels."""

@@ -108,7 +108,8 @@ class LocalMIM(nn.Module):
         for pred, target, cell in zip(preds, targets, self.cells_px):
             weight = mask_at_scale(masking.mask, self.encoder.unit_grid, unit_px / cell)
             per_cell = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, cells)
-            losses.append((per_cell * weight).sum() / weight.sum())
+            # clamp: a mask that hides nothing gives a zero loss rather than 0/0
+            losses.append((per_cell * weight).sum() / weight.sum().clamp_min(1e-12))
             masks.append(weight)
         losses_t = torch.stack(losses)
         return LocalMIMOutput(losses_t.sum(), losses_t, preds, targets, masks, masking.mask,

@@ -49,10 +49,13 @@ def read_published(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's first line is generic advice; the global the file wanted comes later
+        wanted = re.search(r"GLOBAL (\S+)", str(exc))
+        detail = f"it wants {wanted.group(1)}" if wanted else str(exc).splitlines()[0]
         raise CheckpointError(
             f"{path}: refused to load: the file holds a pickled object outside the allow-list "
             f"(only tensors, plain containers and argparse.Namespace are read). Details: "
-            f"{str(exc).splitlines()[0]}") from None
+            f"{detail}") from None
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
     if not isinstance(obj, dict):
@@ -125,15 +128,20 @@ def settings_from_published(state: dict[str, torch.Tensor], args: dict) -> Model
         scales.append(0.5 if pooled else float(2**n_up))
     nbins = out_dims[0] // 3
     taps = [int(t) + 1 for t in args.get("ID", [])] or [2, 4, depth - 2, depth][-n_taps:]
+    if len(set(taps)) != len(taps):
+        raise CheckpointError(f"cannot tell which layers the {n_taps} decoders of this depth-{depth} "
+                              "checkpoint were attached to (no ID in its args)")
     return ModelSettings(
-        encoder=PluginChoice(name="vit", options={"arch": None, "patch_size": patch, "embed_dim": dim,
-                                                  "depth": depth, "num_heads": num_heads}),
+        encoder=PluginChoice(name="vit", options={
+            "arch": None, "patch_size": patch, "embed_dim": dim, "depth": depth, "num_heads": num_heads,
+            "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / dim}),
         target=PluginChoice(name="hog", options={"nbins": nbins,
                                                  "bias": any(k.endswith("conv.bias") for k in state)}),
         img_size=side * patch,
         taps=taps,
         scales=scales,
-        decoder=DecoderSettings(width=dec_width, depth=dec_depth, num_heads=max(1, dec_width // 32)),
+        decoder=DecoderSettings(width=dec_width, depth=dec_depth, num_heads=max(1, dec_width // 32),
+                                mlp_ratio=state["decoder.0.blocks.0.mlp.fc1.weight"].shape[0] / dec_width),
     )
 
 

@@ -30,7 +30,7 @@ class DecoderSettings(Strict):
 
 
 class ModelSettings(Strict):
-    encoder: PluginChoice = Field(default_factory=lambda: PluginChoice(name="vit", options={"arch": "vit_base"}))
+    encoder: PluginChoice = Field(default_factory=lambda: PluginChoice(name="vit"))
     target: PluginChoice = Field(default_factory=lambda: PluginChoice(name="hog"))
     img_size: int = Field(224, ge=8, description="square input side in pixels")
     taps: list[int] | None = Field(None, description="1-indexed encoder layers that get a decoder; "
@@ -91,3 +91,4 @@ class PretrainSettings(Strict):
     data: DataSettings = Field(default_factory=DataSettings)
     optim: OptimSettings = Field(default_factory=OptimSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+

@@ -1,0 +1,294 @@
+"""The pretraining loop: one process, one GPU, or many under torchrun, resumable exactly.
+
+settings -> images -> (per-sample crops, flips and masking noise from the run seed) -> LocalMIM
+-> summed multi-scale loss -> AdamW with warmup + cosine -> checkpoints and metrics.jsonl.
+
+No host synchronisation inside the step loop: losses, the non-finite flag and timings stay on
+the device and are read once per logging interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from localmim_cli import checkpoints, distributed, runs
+from localmim_cli.build import build_model
+from localmim_cli.data import DataError, fingerprint, pretrain_dataset
+from localmim_cli.layers import Resolved
+from localmim_cli.model import LocalMIM
+from localmim_cli.progress import StepProgress
+from localmim_cli.sampler import StepBatches
+from localmim_cli.schedule import lr_at
+from localmim_cli.settings import PretrainSettings
+
+# Settings a resume may change without breaking exact continuation.
+RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
+                     "train.visualize_every", "train.device", "data.workers", "data.path"}
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    micro_step: int = 0   # next micro-step to run within the epoch
+    step: int = 0         # optimizer steps done in the whole run
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices; not biases or norm weights (1-D), as published (timm add_weight_decay)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "options":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_compatible(saved: dict[str, Any], current: PretrainSettings) -> None:
+    before = flatten(saved)
+    now = flatten(current.model_dump(mode="json"))
+    changed = [k for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
+    if changed:
+        diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(f"--resume would change settings the run was started with ({diffs}); "
+                         "start a new run instead, or change only "
+                         f"{', '.join(sorted(RESUMABLE_CHANGES))}")
+
+
+def run(resolved: Resolved, run_dir: Path, resume: bool, console: Console) -> dict[str, Any]:
+    """Train with resolved settings; returns a summary of the last logged step.
+
+    The run directory must already be prepared (runs.prepare). The resolved settings and their
+    provenance are written into it once a resume has been checked against the checkpoint.
+    """
+    settings: PretrainSettings = resolved.settings
+    world = distributed.from_environment()
+    device = distributed.choose_device(settings.train.device, world)
+    distributed.init(world, device)
+    try:
+        return _train(resolved, run_dir, resume, console, world, device)
+    finally:
+        distributed.shutdown(world)
+
+
+def _train(resolved: Resolved, run_dir: Path, resume: bool, console: Console,
+           world: distributed.World, device: torch.device) -> dict[str, Any]:
+    settings: PretrainSettings = resolved.settings
+    tr, opt_s = settings.train, settings.optim
+    precision = resolve_precision(tr.precision, device)
+    say = console.print if world.is_main else (lambda *a, **k: None)
+
+    torch.manual_seed(tr.seed)
+    model: LocalMIM = build_model(settings.model).to(device)
+    dataset, unreadable = pretrain_dataset(settings.data, settings.model.img_size, model.num_units, tr.seed)
+    paths = dataset.paths
+    if unreadable:
+        say(f"[yellow]leaving out {len(unreadable)} unreadable image(s)[/] (listed in manifest.json)")
+    batches = StepBatches(len(dataset), tr.batch_size, world.rank, world.size, tr.seed)
+    micro_per_epoch = batches.micro_steps_per_epoch()
+    steps_per_epoch = micro_per_epoch // tr.accum_steps
+    if steps_per_epoch < 1:
+        raise DataError(f"{len(dataset)} images make no full optimizer step of "
+                        f"{tr.batch_size} x {world.size} process(es) x {tr.accum_steps} accumulation; "
+                        "lower train.batch_size or raise data.repeats")
+    micro_per_epoch = steps_per_epoch * tr.accum_steps  # leftover micro-batches are dropped
+    total_steps = steps_per_epoch * tr.epochs
+    eff_batch = tr.batch_size * world.size * tr.accum_steps
+    lr = opt_s.lr if opt_s.lr is not None else opt_s.base_lr * eff_batch / 256
+
+    optimizer = torch.optim.AdamW(param_groups(model, opt_s.weight_decay), lr=lr, betas=opt_s.betas)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    metrics_log = runs.MetricsLog(run_dir / "metrics.jsonl")
+    ckpt_dir = run_dir / "checkpoints"
+    pos = Position()
+    if resume:
+        ckpt = checkpoints.load(ckpt_dir)
+        check_resume_compatible(ckpt.meta["settings"], settings)
+        model.load_state_dict(ckpt.model_state())
+        training = ckpt.training_state()
+        optimizer.load_state_dict(training["optimizer"])
+        scaler.load_state_dict(training["scaler"])
+        pos = Position(**ckpt.meta["position"])
+        if world.is_main:
+            metrics_log.truncate_after(pos.step)
+        say(f"resuming from {ckpt.path.name}: epoch {pos.epoch}, step {pos.step}")
+    if world.is_main:
+        resolved.write(run_dir)
+
+    if world.is_main:
+        runs.write_manifest(run_dir, runs.manifest(world, device, tr.seed, {
+            "source": str(settings.data.path) if settings.data.path else "built-in sample photos",
+            "images": len(paths), "fingerprint": fingerprint(paths),
+            "unreadable": [f"{p}: {why}" for p, why in unreadable],
+        }, {"precision": precision, "effective_batch": eff_batch, "lr": lr, "resumed": resume}))
+    say(f"{len(paths)} images, {steps_per_epoch} steps/epoch x {tr.epochs} epochs on {device} "
+        f"({world.size} process(es), {precision})")
+    say(f"effective batch {eff_batch} = {tr.batch_size} per device x {world.size} x "
+        f"{tr.accum_steps} accumulation; lr = {opt_s.base_lr:g} x {eff_batch}/256 = {lr:.3g}"
+        if opt_s.lr is None else f"effective batch {eff_batch}; lr {lr:g} (absolute)")
+
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world.distributed else model
+    # One loader for the whole run: workers persist across epochs, so each epoch does not pay
+    # their start-up. The epoch travels with every index, since persistent workers never see
+    # a later dataset.set_epoch().
+    epoch_sampler = _EpochBatches(batches)
+    loader = DataLoader(dataset, batch_sampler=epoch_sampler, num_workers=settings.data.workers,
+                        pin_memory=device.type == "cuda", persistent_workers=settings.data.workers > 0,
+                        prefetch_factor=4 if settings.data.workers > 0 else None)
+
+    def save_checkpoint(position: Position) -> None:
+        if not world.is_main:
+            return
+        meta = {"kind": "pretrain", "position": vars(position), "settings": settings.model_dump(mode="json"),
+                "provenance": resolved.provenance, "run_dir": str(run_dir),
+                "cells_px": model.cells_px, "tap_layers": model.encoder.tap_layers}
+        checkpoints.save(ckpt_dir, f"step-{position.step:08d}", model.state_dict(), meta,
+                         {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
+                         keep_last=tr.keep_last)
+
+    n_scales = len(model.scales)
+    summary: dict[str, Any] = {}
+    with StepProgress(console, total_steps, pos.step, world.is_main) as progress:
+        for epoch in range(pos.epoch, tr.epochs):
+            start = pos.micro_step if epoch == pos.epoch else 0
+            batches.set_position(epoch, start)
+            epoch_sampler.limit = micro_per_epoch - start
+            # Device-side accumulators, read once per logging interval.
+            loss_sum = torch.zeros(n_scales, device=device)
+            count = torch.zeros((), device=device)
+            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+            data_wait, t_interval, images = 0.0, time.perf_counter(), 0
+            t_fetch = time.perf_counter()
+            for micro, batch in enumerate(loader, start=start):
+                data_wait += time.perf_counter() - t_fetch
+                images_t = batch["image"].to(device, non_blocking=True)
+                noise = batch["noise"].to(device, non_blocking=True)
+                last_micro = (micro + 1) % tr.accum_steps == 0
+                sync = contextlib.nullcontext() if (last_micro or not world.distributed) else net.no_sync()
+                with sync:
+                    with autocast(precision, device):
+                        out = net(images_t, noise=noise)
+                    scaler.scale(out.loss / tr.accum_steps).backward()
+                loss_sum += out.losses.detach().float()
+                count += 1
+                nonfinite |= ~torch.isfinite(out.loss.detach())
+                images += images_t.shape[0] * world.size
+                if not last_micro:
+                    t_fetch = time.perf_counter()
+                    continue
+
+                current_lr = lr_at(pos.step, steps_per_epoch, lr, opt_s.min_lr, opt_s.warmup_epochs, tr.epochs)
+                for group in optimizer.param_groups:
+                    group["lr"] = current_lr
+                scaler.unscale_(optimizer)
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                if opt_s.clip_grad is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_s.clip_grad)
+                else:
+                    grad_norm = None
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                pos.step += 1
+                progress.advance()
+                at_epoch_end = micro + 1 == micro_per_epoch
+                pos.micro_step = micro + 1
+
+                if pos.step % tr.log_every == 0 or at_epoch_end:
+                    if grad_norm is None:
+                        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+                    losses = distributed.all_reduce_mean(loss_sum / count, world).tolist()
+                    bad = bool(distributed.all_reduce_mean(nonfinite.float(), world).item() > 0)
+                    _stop_if_diverged(bad, pos, ckpt_dir)
+                    elapsed = time.perf_counter() - t_interval
+                    record = {"epoch": epoch, "step": pos.step, "loss": sum(losses),
+                              **{f"loss_scale{k}": v for k, v in enumerate(losses)},
+                              "lr": current_lr, "grad_norm": float(grad_norm),
+                              "images_per_s": images / max(elapsed, 1e-9),
+                              "data_wait": data_wait / max(elapsed, 1e-9)}
+                    if world.is_main:
+                        metrics_log.write(record)
+                    progress.update(record)
+                    summary = record
+                    loss_sum.zero_(), count.zero_()
+                    data_wait, t_interval, images = 0.0, time.perf_counter(), 0
+
+                if at_epoch_end:
+                    pos = Position(epoch + 1, 0, pos.step)
+                if at_epoch_end or (tr.checkpoint_every and pos.step % tr.checkpoint_every == 0):
+                    bad = bool(distributed.all_reduce_mean(nonfinite.float(), world).item() > 0)
+                    _stop_if_diverged(bad, pos, ckpt_dir)
+                    save_checkpoint(pos)
+                t_fetch = time.perf_counter()
+            distributed.barrier(world)
+    if world.is_main:
+        summary = {**summary, "run_dir": str(run_dir), "steps": pos.step, "epochs": tr.epochs}
+    return summary
+
+
+class _EpochBatches:
+    """Yields [(epoch, index), ...] batches of the current position, cut to `limit` micro-steps
+    (whole optimizer steps only)."""
+
+    def __init__(self, inner: StepBatches):
+        self.inner, self.limit = inner, len(inner)
+
+    def __len__(self) -> int:
+        return min(len(self.inner), self.limit)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.inner):
+            if i >= self.limit:
+                return
+            yield [(self.inner.epoch, index) for index in batch]
+
+
+def _stop_if_diverged(bad: bool, pos: Position, ckpt_dir: Path) -> None:
+    if not bad:
+        return
+    last = checkpoints.read_latest_name(ckpt_dir)
+    kept = f"the last good checkpoint ({last}) is intact" if last else "no checkpoint had been written yet"
+    raise TrainingDiverged(
+        f"the loss became NaN or infinite by step {pos.step}; {kept}. Try a lower learning rate "
+        "(optim.base_lr), gradient clipping (optim.clip_grad=1.0), more warmup, or "
+        "train.precision=bf16 / fp32 instead of fp16; then --resume or start over.")

@@ -1,0 +1,79 @@
+"""Shared fixtures: the real CLI as a subprocess, a tiny run configuration, real photos on disk."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY_TOML = """
+[model]
+img_size = 32
+taps = [1, 2, 3, 4]
+scales = [4.0, 2.0, 1.0, 0.5]
+
+[model.encoder]
+name = "vit"
+options = { arch = "vit_tiny", patch_size = 8, embed_dim = 32, depth = 4, num_heads = 2 }
+
+[model.decoder]
+width = 32
+num_heads = 2
+
+[data]
+workers = 0
+repeats = 4
+
+[optim]
+base_lr = 5e-3
+warmup_epochs = 1
+
+[train]
+epochs = 2
+batch_size = 4
+log_every = 1
+device = "cpu"
+precision = "fp32"
+"""
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCALMIM_")}
+    # One thread per process keeps runs bit-reproducible and stops two processes fighting for cores.
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"})
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """`localmim ARGS...` in a fresh interpreter, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "localmim_cli", *map(str, args)],
+                          capture_output=True, text=True, env=env or cli_env(), cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_TOML)
+    return path
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> Path:
+    """A nested folder of real photos (the built-in sample photos, as JPEG and PNG)."""
+    from PIL import Image
+
+    from localmim_cli.sample_photos import sample_photo_paths
+
+    root = tmp_path_factory.mktemp("photos")
+    for i, src in enumerate(sample_photo_paths()[:4]):
+        sub = root / ("a" if i % 2 else "b") / "nested"
+        sub.mkdir(parents=True, exist_ok=True)
+        img = Image.open(src).convert("RGB")
+        img.thumbnail((160, 160))
+        img.save(sub / f"{src.stem}.{'jpg' if i % 2 else 'png'}")
+    return root

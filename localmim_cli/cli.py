@@ -256,6 +256,10 @@ def plugins_list() -> None:
     console.print(table)
 
 
+from localmim_cli.visualize import visualize_command  # noqa: E402
+app.command("visualize")(visualize_command)
+
+
 
 
 def main() -> None:

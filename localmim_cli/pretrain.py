@@ -255,6 +255,8 @@ def _train(resolved: Resolved, run_dir: Path, resume: bool, console: Console,
 
                 if at_epoch_end:
                     pos = Position(epoch + 1, 0, pos.step)
+                    if tr.visualize_every and pos.epoch % tr.visualize_every == 0 and world.is_main:
+                        _progress_figure(model, paths, run_dir, pos.epoch, tr.seed)
                 if at_epoch_end or (tr.checkpoint_every and pos.step % tr.checkpoint_every == 0):
                     bad = bool(distributed.all_reduce_mean(nonfinite.float(), world).item() > 0)
                     _stop_if_diverged(bad, pos, ckpt_dir)
@@ -281,6 +283,13 @@ class _EpochBatches:
             if i >= self.limit:
                 return
             yield [(self.inner.epoch, index) for index in batch]
+
+
+def _progress_figure(model: LocalMIM, paths: list[Path], run_dir: Path, epoch: int, seed: int) -> None:
+    """The same few images under the same masks every time, so figures compare across epochs."""
+    from localmim_cli.visualize import write_progress_figure
+    write_progress_figure(model, paths[:4], run_dir / "figures" / f"epoch-{epoch:04d}.png", seed,
+                          title=f"epoch {epoch}")
 
 
 def _stop_if_diverged(bad: bool, pos: Position, ckpt_dir: Path) -> None:

@@ -96,8 +96,15 @@ def test_resume_without_a_run_is_refused(tmp_path, tiny_config):
 
 def test_run_directory_contents(tmp_path, tiny_config):
     out = tmp_path / "run"
-    r = run_cli("pretrain", "--config", tiny_config, "--out", out, "--set", "train.keep_last=1")
+    r = run_cli("pretrain", "--config", tiny_config, "--out", out, "--set", "train.keep_last=1",
+                "--set", "train.visualize_every=1")
     assert r.returncode == 0, r.stderr
+    # A progress figure per epoch, on the same images under the same masks.
+    figures = sorted((out / "figures").glob("epoch-*.png"))
+    assert [f.name for f in figures] == ["epoch-0001.png", "epoch-0002.png"]
+    sidecars = [json.loads(f.with_suffix(".json").read_text()) for f in figures]
+    first, second = ([(i["path"], i["mask"]) for i in s["images"]] for s in sidecars)
+    assert first == second and len(first) == 4
     assert "effective batch 4" in r.stdout and "lr = 0.005 x 4/256" in r.stdout
     settings = json.loads((out / "settings.json").read_text())
     provenance = json.loads((out / "settings.provenance.json").read_text())["sources"]

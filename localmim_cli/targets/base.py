@@ -28,10 +28,16 @@ class ReconstructionTarget(nn.Module):
         """(B, 3, H, W) normalized images -> [(B, (H/c)*(W/c), dims[k]) for k, c in enumerate(cells_px)]."""
         raise NotImplementedError
 
-    def render(self, cells: np.ndarray, cell_px: int, image: np.ndarray | None = None) -> np.ndarray:
-        """Draw a (h, w, dim) grid of target vectors as an (h*cell_px, w*cell_px, 3) uint8 image.
+    def render(self, cells: np.ndarray | torch.Tensor, cell_px: int,
+               image: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+        """Draw one image's (h, w, dim) grid of target vectors (a target or a prediction).
 
-        `image` is the true RGB image (uint8, same size) for targets that need it to be drawn
-        (normalized pixels are un-normalized with the true cell's statistics).
+        Returns an (h*s, w*s, 3) uint8 RGB image, s pixels per cell: s = cell_px for targets that
+        draw pixels; a target drawing glyphs may use more (HOG draws at least 8 px per cell and
+        says so in its own docstring; `visualize` scales every panel to a common size).
+        `image` is the normalized (3, H, W) image the model was fed, for targets that need it
+        (normalized pixels are un-normalized with the true cell's mean and variance).
+        Targets without a drawing raise NotImplementedError; `visualize` then shows each cell's
+        vector length instead.
         """
         raise NotImplementedError

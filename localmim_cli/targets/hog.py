@@ -94,6 +94,51 @@ class HOGTarget(ReconstructionTarget):
                 targets.append(pooled.reshape(batch, n_chan * self.nbins, h * w).transpose(1, 2))
         return targets
 
+    def render(self, cells, cell_px: int, image=None, *, glyph_px: int | None = None) -> np.ndarray:
+        """Draw HOG cells as oriented line glyphs, white on black, one glyph per cell.
+
+        cells: (h, w, 3 * nbins), the R, G, B histograms of each cell (a target or a prediction);
+        the three channel blocks are summed to one histogram, negative weights count as 0.
+        Returns (h * g, w * g, 3) uint8 with g = glyph_px, by default cell_px * ceil(8 / cell_px)
+        (at least 8 px per cell, so 4-px cells stay legible; g = cell_px from 8 px cells up).
+
+        Angle: bin b holds gradients whose phase atan2(gx, gy) lies in [b, b + 1) * 180/nbins
+        degrees. With this target's Sobel signs (gx ~ -d/dx, gy ~ -d/dy, rows downward) that
+        phase, modulo 180 degrees, is the on-screen angle of the edge, i.e. of the line
+        perpendicular to the gradient, counter-clockwise from horizontal. Bin b's glyph is a line
+        through the cell centre at theta_b = (b + 0.5) * 180/nbins degrees counter-clockwise from
+        horizontal: along (column, row) = (cos theta_b, -sin theta_b) in array coordinates.
+        Length and brightness are the bin's weight over the cell's largest bin: the largest bin
+        spans the cell less a 1-px margin at full white; overlapping glyphs keep the brighter.
+        `image` is not used.
+        """
+        import numpy as np
+
+        del image
+        weights = cells.detach().cpu().double().numpy() if torch.is_tensor(cells) else np.asarray(cells, np.float64)
+        if weights.ndim != 3 or weights.shape[-1] % 3:
+            raise ValueError(f"HOG cells must be (h, w, 3 * nbins), got shape {weights.shape}")
+        h, w, dim = weights.shape
+        nbins = dim // 3
+        hist = np.clip(weights.reshape(h, w, 3, nbins).sum(axis=2), 0, None)
+        peak = hist.max(axis=-1, keepdims=True)
+        rel = np.divide(hist, peak, out=np.zeros_like(hist), where=peak > 0)
+        g = int(glyph_px) if glyph_px else cell_px * math.ceil(8 / cell_px)
+        offsets = np.arange(g) + 0.5 - g / 2  # pixel centres relative to the cell centre
+        col, row = np.meshgrid(offsets, offsets)  # (g, g), indexed [row, col]
+        half_length = max(g / 2 - 1, 0.5)
+        canvas = np.zeros((h, w, g, g))
+        for b in range(nbins):
+            theta = (b + 0.5) * math.pi / nbins
+            along = np.abs(col * math.cos(theta) - row * math.sin(theta))
+            across = np.abs(col * math.sin(theta) + row * math.cos(theta))
+            on_line = across <= 0.5 + 1e-9
+            reach = rel[:, :, b, None, None] * half_length  # (h, w, 1, 1)
+            drawn = (on_line & (along <= reach + 1e-9) & (reach > 0)) * rel[:, :, b, None, None]
+            np.maximum(canvas, drawn, out=canvas)
+        gray = np.rint(canvas.transpose(0, 2, 1, 3).reshape(h * g, w * g) * 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+
 
 plugin = TargetPlugin(
     name="hog",

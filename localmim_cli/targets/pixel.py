@@ -49,6 +49,36 @@ class PixelTarget(ReconstructionTarget):
                 targets.append(x)
         return targets
 
+    def render(self, cells, cell_px: int, image=None) -> np.ndarray:
+        """Map (h, w, 3 * cell_px**2) cells of normalized pixels back to an (h*c, w*c, 3) uint8 image.
+
+        With `normalize` on, each cell is un-normalized with the mean and variance of the TRUE
+        cell of `image` (the normalized (3, H, W) model input), as MAE's demo does: a prediction
+        only says how the pixels vary inside a cell, so its brightness and contrast are borrowed
+        from the truth. Then ImageNet mean/std are undone and values rounded and clipped to 0..255.
+        Rendering the target itself this way gives back the input pixels.
+        """
+        import numpy as np
+
+        from localmim_cli.vis_images import to_uint8
+
+        x = torch.as_tensor(cells).detach().cpu().double()
+        if x.ndim != 3 or x.shape[-1] != 3 * cell_px * cell_px:
+            raise ValueError(f"pixel cells of {cell_px}px must be (h, w, {3 * cell_px * cell_px}), "
+                             f"got shape {tuple(x.shape)}")
+        h, w, _ = x.shape
+        if self.options.normalize:
+            if image is None:
+                raise ValueError("normalized pixel cells need the true image to be un-normalized")
+            truth = cells_of(torch.as_tensor(image).detach().cpu().double()[None], cell_px)[0]
+            if truth.shape[0] != h * w:
+                raise ValueError(f"image gives {truth.shape[0]} cells of {cell_px}px, cells grid is {h}x{w}")
+            mean, var = cell_statistics(truth)
+            x = x.reshape(h * w, -1) * (var + PIXEL_NORM_EPS) ** 0.5 + mean
+        # (h, w, row, col, channel) -> (h*c, w*c, 3)
+        x = x.reshape(h, w, cell_px, cell_px, 3).permute(0, 2, 1, 3, 4).reshape(h * cell_px, w * cell_px, 3)
+        return to_uint8(x.numpy())
+
 
 plugin = TargetPlugin(
     name="pixel",

@@ -186,7 +186,7 @@ def config_show(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    command: Annotated[str, typer.Option(help="Which command's settings: pretrain")] = "pretrain",
+    command: Annotated[str, typer.Option(help="Which command's settings: pretrain, finetune, evaluate")] = "pretrain",
     resolved_only: Annotated[bool, typer.Option("--resolved", help="Print only the resolved values as JSON.")] = False,
 ) -> None:
     """Print every setting with its value and the layer that set it (default, preset, file, env, flag)."""
@@ -201,11 +201,8 @@ def config_show(
 def _schema_for(command: str):
     from localmim_cli.settings import PretrainSettings
     schemas = {"pretrain": PretrainSettings}
-    try:
-        from localmim_cli.settings import FinetuneSettings
-        schemas["finetune"] = FinetuneSettings
-    except ImportError:
-        pass
+    from localmim_cli.settings import EvaluateSettings, FinetuneSettings
+    schemas.update(finetune=FinetuneSettings, evaluate=EvaluateSettings)
     if command not in schemas:
         raise UserError(f"--command {command!r}: choose one of {', '.join(schemas)}")
     return schemas[command]
@@ -260,11 +257,20 @@ from localmim_cli.visualize import visualize_command  # noqa: E402
 app.command("visualize")(visualize_command)
 
 
+from localmim_cli.evaluate import evaluate_command  # noqa: E402
+from localmim_cli.export import export_command  # noqa: E402
+from localmim_cli.finetune import finetune_command  # noqa: E402
+
+app.command("finetune")(finetune_command)
+app.command("evaluate")(evaluate_command)
+app.command("export")(export_command)
 
 
 def main() -> None:
     try:
         app()
+    except SystemExit:  # typer's own exits (--help, usage errors): before the clause below imports torch
+        raise
     except _user_errors() as exc:
         if os.environ.get("LOCALMIM_DEBUG"):
             raise

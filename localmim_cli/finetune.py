@@ -1,0 +1,578 @@
+"""Fine-tuning a pretrained encoder for classification: the published ViT protocol (MAE's).
+
+checkpoint -> timm VisionTransformer (global average pool, a new fc_norm, a new head with
+trunc-normal(2e-5) weights) -> RandAugment + random erasing -> Mixup/CutMix -> soft-target or
+label-smoothed cross-entropy -> AdamW (0.9, 0.999) with layer-wise lr decay, warmup + cosine.
+
+The loop mirrors `pretrain.py`: the same run directory, checkpoints, exact resume (per-sample
+augmentations, per-step mixing and drop path are all seeded from the run seed), precision and
+torchrun handling, and no host synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+if TYPE_CHECKING:
+    import torch
+    from rich.console import Console
+
+    from localmim_cli.encoder_weights import EncoderWeights, ViTShape
+    from localmim_cli.settings import FinetuneSettings
+
+# Settings a resume may change without breaking exact continuation.
+RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
+                     "train.device", "train.eval_every", "train.eval_batch_size", "data.workers",
+                     "data.path", "data.val_path", "init"}
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    micro_step: int = 0   # next micro-step to run within the epoch
+    step: int = 0         # optimizer steps done in the whole run
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def model_shape(settings: "FinetuneSettings", weights: "EncoderWeights | None") -> "ViTShape":
+    """The ViT to fine-tune: the checkpoint's, checked against model.arch, at model.img_size."""
+    from localmim_cli.encoder_weights import arch_shape, check_arch, require_vit
+
+    m = settings.model
+    if weights is None:
+        if not m.arch:
+            raise ValueError("finetune needs --init CHECKPOINT (or model.arch to train from scratch)")
+        shape = arch_shape(m.arch, m.img_size)
+    else:
+        require_vit(weights, "finetune")
+        check_arch(weights, m.arch)
+        shape = weights.shape
+    if m.img_size and m.img_size != shape.img_size:
+        if m.img_size % shape.patch_size:
+            raise ValueError(f"model.img_size {m.img_size} is not divisible by the patch size {shape.patch_size}")
+        shape = dataclasses.replace(shape, img_size=m.img_size)
+    return shape
+
+
+def build_classifier(shape: "ViTShape", num_classes: int, settings: "FinetuneSettings",
+                     weights: "EncoderWeights | None") -> "torch.nn.Module":
+    """The fine-tuning model with the encoder's weights in and a fresh fc_norm and head."""
+    import torch
+    from timm.layers import trunc_normal_
+
+    from localmim_cli.encoder_weights import create_vit, fit_positions
+    from localmim_cli.published import CheckpointError
+
+    model = create_vit(shape, num_classes=num_classes, pooling="pool_then_norm",
+                       drop_path=settings.model.drop_path, arch=settings.model.arch)
+    if weights is not None:
+        state = fit_positions(weights.encoder_state(), weights.shape, shape.img_size)
+        result = model.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith(("fc_norm.", "head."))]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"{weights.source}: encoder weights do not fit {shape.describe()}: "
+                                  f"missing {missing[:8]}, unexpected {result.unexpected_keys[:8]}")
+    with torch.no_grad():
+        trunc_normal_(model.head.weight, std=settings.model.head_init_std)
+        torch.nn.init.zeros_(model.head.bias)
+        torch.nn.init.ones_(model.fc_norm.weight)
+        torch.nn.init.zeros_(model.fc_norm.bias)
+    return model
+
+
+def layer_decay_groups(model: "torch.nn.Module", weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+    """timm's layer-wise groups: patch_embed/cls/pos = layer 0, block i = i + 1, norms and head
+    = L + 1 (scale 1); no decay on 1-D parameters, pos_embed and cls_token (MAE's choice)."""
+    from timm.optim import param_groups_layer_decay
+    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                    layer_decay=layer_decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def train_transform(settings: "FinetuneSettings", img_size: int):
+    from timm.data import create_transform
+
+    from localmim_cli.data import IMAGENET_MEAN, IMAGENET_STD
+    d = settings.data
+    return create_transform(input_size=img_size, is_training=True, scale=d.crop_scale, hflip=d.hflip,
+                            color_jitter=d.color_jitter, auto_augment=d.auto_augment or None,
+                            interpolation=d.interpolation, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                            re_prob=d.reprob, re_mode=d.remode, re_count=d.recount)
+
+
+def criterion(settings: "FinetuneSettings"):
+    import torch
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if settings.mixup.active:
+        return SoftTargetCrossEntropy()   # Mixup makes smoothed soft targets itself
+    if settings.optim.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=settings.optim.label_smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def mixer(settings: "FinetuneSettings", num_classes: int):
+    if not settings.mixup.active:
+        return None
+    from timm.data import Mixup
+    mx = settings.mixup
+    return Mixup(mixup_alpha=mx.mixup, cutmix_alpha=mx.cutmix, cutmix_minmax=mx.cutmix_minmax, prob=mx.prob,
+                 switch_prob=mx.switch_prob, mode=mx.mode, label_smoothing=settings.optim.label_smoothing,
+                 num_classes=num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(model: "torch.nn.Module", samples, img_size: int, settings: "FinetuneSettings",
+             device: "torch.device", precision: str, world) -> dict[str, float]:
+    """top-1, top-5 (top-k with k = min(5, classes)) and loss on the validation samples, each
+    process taking every world-size-th image; counts are summed over processes."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from localmim_cli import distributed
+    from localmim_cli.features import EvalSamples, loader_kwargs
+    from localmim_cli.pretrain import autocast
+
+    mine = list(samples)[world.rank::world.size]
+    batch = settings.train.eval_batch_size or settings.train.batch_size
+    totals = torch.zeros(4, device=device, dtype=torch.float64)   # correct1, correct5, loss sum, n
+    if mine:
+        loader = DataLoader(EvalSamples(mine, img_size, settings.data.eval_crop_fraction), batch_size=batch,
+                            shuffle=False, **loader_kwargs(settings.data.workers, device))
+        was_training = model.training
+        model.eval()
+        k = min(5, model.num_classes)
+        with torch.no_grad():
+            for images, labels in loader:
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                with autocast(precision, device):
+                    logits = model(images)
+                logits = logits.float()
+                top = logits.topk(k, dim=1).indices                      # (B, k)
+                hit = top == labels[:, None]
+                totals[0] += hit[:, 0].sum()
+                totals[1] += hit.any(dim=1).sum()
+                totals[2] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+                totals[3] += labels.numel()
+        model.train(was_training)
+    totals = distributed.all_reduce_mean(totals, world) * world.size
+    c1, c5, loss, n = totals.tolist()
+    n = max(n, 1)
+    return {"val_top1": 100 * c1 / n, "val_top5": 100 * c5 / n, "val_loss": loss / n, "val_images": int(n)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def run(settings: "FinetuneSettings", run_dir: Path, resume: bool, console: "Console",
+        settings_record: dict[str, Any] | None = None, weights: "EncoderWeights | None" = None) -> dict[str, Any]:
+    """Fine-tune; returns a summary. The run directory must already be prepared (runs.prepare).
+
+    weights: the --init checkpoint, when the caller has read it already (else read here).
+    """
+    from localmim_cli import distributed
+    world = distributed.from_environment()
+    device = distributed.choose_device(settings.train.device, world)
+    distributed.init(world, device)
+    try:
+        return _train(settings, run_dir, resume, console, world, device, settings_record or {}, weights)
+    finally:
+        distributed.shutdown(world)
+
+
+def check_resume_compatible(saved: dict[str, Any], current: "FinetuneSettings") -> None:
+    from localmim_cli.pretrain import flatten
+    before = flatten(saved)
+    now = flatten(current.model_dump(mode="json"))
+    changed = [k for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
+    if changed:
+        diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(f"--resume would change settings the run was started with ({diffs}); "
+                         "start a new run instead, or change only "
+                         f"{', '.join(sorted(RESUMABLE_CHANGES))}")
+
+
+def _train(settings: "FinetuneSettings", run_dir: Path, resume: bool, console: "Console", world,
+           device: "torch.device", settings_record: dict[str, Any],
+           weights: "EncoderWeights | None") -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
+
+    from localmim_cli import atomic, checkpoints, distributed, runs
+    from localmim_cli.data import DataError, draft_size_for, fingerprint
+    from localmim_cli.encoder_weights import ViTShape, load_encoder_weights, timm_model_args
+    from localmim_cli.features import AugmentedSamples, labelled_split, loader_kwargs, split_record
+    from localmim_cli.pretrain import autocast, resolve_precision
+    from localmim_cli.progress import StepProgress
+    from localmim_cli.published import CheckpointError
+    from localmim_cli.sampler import StepBatches
+    from localmim_cli.schedule import lr_at
+    from localmim_cli.seeding import derive_seed
+
+    tr, opt_s, d = settings.train, settings.optim, settings.data
+    precision = resolve_precision(tr.precision, device)
+    say = console.print if world.is_main else (lambda *a, **k: None)
+    if d.path is None:
+        raise DataError("finetune needs DATA, a folder with one subfolder of images per class")
+
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt = checkpoints.load(ckpt_dir) if resume else None
+    split = labelled_split(d.path, d.val_path, d.val_fraction, tr.seed,
+                           classes=ckpt.meta["classes"] if ckpt else None)
+    if len(split.classes) < 2:
+        raise DataError(f"{d.path}: only one class folder ({split.classes[0]}); classification needs two or more")
+    num_classes = len(split.classes)
+
+    if ckpt is not None:
+        check_resume_compatible(ckpt.meta["settings"], settings)
+        shape = ViTShape(**ckpt.meta["timm"]["shape"])
+        weights = None
+        init_record = ckpt.meta.get("init")
+    else:
+        if weights is None and settings.init:
+            weights = load_encoder_weights(settings.init)
+        shape = model_shape(settings, weights)
+        init_record = ({"source": str(weights.source), "kind": weights.kind,
+                        "shape": dataclasses.asdict(weights.shape)} if weights else None)
+    torch.manual_seed(tr.seed)
+    model = build_classifier(shape, num_classes, settings, weights).to(device)
+
+    dataset = AugmentedSamples(split.train, train_transform(settings, shape.img_size), tr.seed,
+                               draft_size_for(shape.img_size, d.crop_scale[0]), d.repeats)
+    batches = StepBatches(len(dataset), tr.batch_size, world.rank, world.size, tr.seed)
+    steps_per_epoch = batches.micro_steps_per_epoch() // tr.accum_steps
+    if steps_per_epoch < 1:
+        raise DataError(f"{len(dataset)} training images make no full optimizer step of {tr.batch_size} x "
+                        f"{world.size} process(es) x {tr.accum_steps} accumulation; lower train.batch_size "
+                        "or raise data.repeats")
+    micro_per_epoch = steps_per_epoch * tr.accum_steps
+    total_steps = steps_per_epoch * tr.epochs
+    eff_batch = tr.batch_size * world.size * tr.accum_steps
+    lr = opt_s.lr if opt_s.lr is not None else opt_s.base_lr * eff_batch / 256
+
+    groups = layer_decay_groups(model, opt_s.weight_decay, opt_s.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=opt_s.betas)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loss_fn = criterion(settings)
+    mix = mixer(settings, num_classes)
+    metrics_log = runs.MetricsLog(run_dir / "metrics.jsonl")
+    pos = Position()
+    best: dict[str, Any] = {}
+    last_val: dict[str, Any] = {}
+    if ckpt is not None:
+        state = ckpt.model_state()
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(f"{ckpt.path}: weights do not fit the model it describes")
+        training = ckpt.training_state()
+        optimizer.load_state_dict(training["optimizer"])
+        scaler.load_state_dict(training["scaler"])
+        pos = Position(**ckpt.meta["position"])
+        best, last_val = ckpt.meta.get("best") or {}, ckpt.meta.get("val") or {}
+        if world.is_main:
+            metrics_log.truncate_after(pos.step)
+        say(f"resuming from {ckpt.path.name}: epoch {pos.epoch}, step {pos.step}")
+
+    arch = settings.model.arch or shape.arch
+    timm_record = {"architecture": arch, "model_args": timm_model_args(shape, "pool_then_norm", num_classes),
+                   "shape": dataclasses.asdict(shape)}
+    if world.is_main:
+        atomic.write_json(run_dir / "classes.json", split.classes)
+        runs.write_manifest(run_dir, runs.manifest(world, device, tr.seed, {
+            **split_record(split), "fingerprint": fingerprint([p for p, _ in split.train])},
+            {"precision": precision, "effective_batch": eff_batch, "lr": lr, "resumed": resume,
+             "init": init_record, "model": timm_record}))
+    say(f"data: {split.describe()}")
+    say(f"model: {shape.describe()}, {num_classes} classes; init: "
+        + (f"{init_record['kind']} {init_record['source']}" if init_record else "random (from scratch)"))
+    say(f"{steps_per_epoch} steps/epoch x {tr.epochs} epochs on {device} ({world.size} process(es), {precision}); "
+        + (f"effective batch {eff_batch}; lr = {opt_s.base_lr:g} x {eff_batch}/256 = {lr:.3g}"
+           if opt_s.lr is None else f"effective batch {eff_batch}; lr {lr:g} (absolute)")
+        + f", layer decay {opt_s.layer_decay:g}")
+
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world.distributed else model
+    lkw = loader_kwargs(d.workers, device)
+
+    def save_checkpoint(position: Position) -> None:
+        if not world.is_main:
+            return
+        meta = {"kind": "finetune", "position": vars(position), "settings": settings.model_dump(mode="json"),
+                "provenance": settings_record.get("provenance", {}), "run_dir": str(run_dir),
+                "classes": split.classes, "timm": timm_record, "init": init_record,
+                "val": last_val, "best": best}
+        checkpoints.save(ckpt_dir, f"step-{position.step:08d}", model.state_dict(), meta,
+                         {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
+                         keep_last=tr.keep_last)
+
+    def run_validation(epoch: int) -> None:
+        nonlocal last_val, best
+        if not split.val:
+            return
+        last_val = {"epoch": epoch, "step": pos.step, **validate(model, split.val, shape.img_size, settings,
+                                                                 device, precision, world)}
+        if not best or last_val["val_top1"] > best["val_top1"]:
+            best = dict(last_val)
+        if world.is_main:
+            metrics_log.write({"kind": "val", **last_val})
+        progress.note(f"epoch {epoch}: val top-1 {last_val['val_top1']:.2f}%  top-5 {last_val['val_top5']:.2f}%  "
+                      f"loss {last_val['val_loss']:.4f}  ({last_val['val_images']} images)")
+
+    summary: dict[str, Any] = {}
+    model.train()
+    with StepProgress(console, total_steps, pos.step, world.is_main, label="finetune") as progress:
+        for epoch in range(pos.epoch, tr.epochs):
+            dataset.set_epoch(epoch)
+            start = pos.micro_step if epoch == pos.epoch else 0
+            batches.set_position(epoch, start)
+            loader = DataLoader(dataset, batch_sampler=_FirstN(batches, micro_per_epoch - start), **lkw)
+            loss_sum = torch.zeros((), device=device)
+            count = torch.zeros((), device=device)
+            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+            data_wait, t_interval, images = 0.0, time.perf_counter(), 0
+            t_fetch = time.perf_counter()
+            for micro, (x, y) in enumerate(loader, start=start):
+                data_wait += time.perf_counter() - t_fetch
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                # Mixing and drop path draw from global generators: seed them per micro-step so a
+                # resumed run draws exactly what the uninterrupted run would have.
+                step_seed = derive_seed(tr.seed, "micro", world.rank, epoch, micro)
+                torch.manual_seed(step_seed)
+                if mix is not None:
+                    np_state = np.random.get_state()
+                    np.random.seed(step_seed % 2**32)
+                    x, y = mix(x, y)
+                    np.random.set_state(np_state)
+                last_micro = (micro + 1) % tr.accum_steps == 0
+                sync = contextlib.nullcontext() if (last_micro or not world.distributed) else net.no_sync()
+                with sync:
+                    with autocast(precision, device):
+                        logits = net(x)
+                    loss = loss_fn(logits.float(), y)
+                    scaler.scale(loss / tr.accum_steps).backward()
+                loss_sum += loss.detach()
+                count += 1
+                nonfinite |= ~torch.isfinite(loss.detach())
+                images += x.shape[0] * world.size
+                if not last_micro:
+                    t_fetch = time.perf_counter()
+                    continue
+
+                current_lr = lr_at(pos.step, steps_per_epoch, lr, opt_s.min_lr, opt_s.warmup_epochs, tr.epochs)
+                for group in optimizer.param_groups:
+                    group["lr"] = current_lr * group.get("lr_scale", 1.0)
+                scaler.unscale_(optimizer)
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), opt_s.clip_grad)
+                             if opt_s.clip_grad is not None else None)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                pos.step += 1
+                progress.advance()
+                at_epoch_end = micro + 1 == micro_per_epoch
+                pos.micro_step = micro + 1
+
+                if pos.step % tr.log_every == 0 or at_epoch_end:
+                    if grad_norm is None:
+                        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+                    mean_loss = distributed.all_reduce_mean(loss_sum / count, world).item()
+                    bad = bool(distributed.all_reduce_mean(nonfinite.float(), world).item() > 0)
+                    stop_if_diverged(bad, pos, ckpt_dir)
+                    elapsed = time.perf_counter() - t_interval
+                    record = {"epoch": epoch, "step": pos.step, "loss": mean_loss, "lr": current_lr,
+                              "grad_norm": float(grad_norm), "images_per_s": images / max(elapsed, 1e-9),
+                              "data_wait": data_wait / max(elapsed, 1e-9)}
+                    if world.is_main:
+                        metrics_log.write(record)
+                    progress.update(record)
+                    summary = record
+                    loss_sum.zero_(), count.zero_()
+                    data_wait, t_interval, images = 0.0, time.perf_counter(), 0
+
+                if at_epoch_end:
+                    pos = Position(epoch + 1, 0, pos.step)
+                    last_epoch = epoch + 1 == tr.epochs
+                    if last_epoch or (tr.eval_every and (epoch + 1) % tr.eval_every == 0):
+                        run_validation(epoch)
+                if at_epoch_end or (tr.checkpoint_every and pos.step % tr.checkpoint_every == 0):
+                    bad = bool(distributed.all_reduce_mean(nonfinite.float(), world).item() > 0)
+                    stop_if_diverged(bad, pos, ckpt_dir)
+                    save_checkpoint(pos)
+                t_fetch = time.perf_counter()
+            distributed.barrier(world)
+    if world.is_main:
+        summary = {**summary, "run_dir": str(run_dir), "steps": pos.step, "epochs": tr.epochs,
+                   "classes": num_classes, "val": last_val, "best": best}
+    return summary
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def stop_if_diverged(bad: bool, pos: Position, ckpt_dir: Path) -> None:
+    if not bad:
+        return
+    from localmim_cli import checkpoints
+    last = checkpoints.read_latest_name(ckpt_dir)
+    kept = f"the last good checkpoint ({last}) is intact" if last else "no checkpoint had been written yet"
+    raise TrainingDiverged(
+        f"the loss became NaN or infinite by step {pos.step}; {kept}. Try a lower learning rate "
+        "(optim.base_lr or --lr), gradient clipping (optim.clip_grad=1.0), more warmup, or "
+        "train.precision=bf16 / fp32 instead of fp16; then --resume or start over.")
+
+
+class _FirstN:
+    """A batch sampler cut to its first n micro-steps (whole optimizer steps only)."""
+
+    def __init__(self, inner, n: int):
+        self.inner, self.n = inner, max(n, 0)
+
+    def __len__(self) -> int:
+        return min(len(self.inner), self.n)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.inner):
+            if i >= self.n:
+                return
+            yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def finetune_command(
+    data: Annotated[Optional[Path], typer.Argument(
+        help="Folder with one subfolder of images per class (ImageFolder layout). "
+             "Optional with --resume.", show_default=False)] = None,
+    init: Annotated[Optional[Path], typer.Option(
+        "--init", help="Start from: a pretrain run directory, a localmim checkpoint, a published "
+                       "LocalMIM/MAE ViT .pth/.safetensors, or an exported encoder folder.")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        "--preset", "-p", help="Named recipe (see `localmim presets list`) or a preset .toml file.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="Settings file (.toml or .json), layered over the preset.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", "-s", help="Override any setting: --set optim.layer_decay=0.65 (repeatable).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Run directory. Default: a new folder under $LOCALMIM_HOME/runs.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where "
+                                                          "its last checkpoint left it.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    val: Annotated[Optional[Path], typer.Option(
+        "--val", help="Separate validation folder with the same class subfolders (data.val_path).")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(
+        help="data.val_fraction: share of each class held out when there is no --val (0 = none)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="train.epochs")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="train.batch_size, per device")] = None,
+    accum_steps: Annotated[Optional[int], typer.Option(help="train.accum_steps")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="optim.lr, absolute (overrides --base-lr)")] = None,
+    base_lr: Annotated[Optional[float], typer.Option(help="optim.base_lr (per 256 images)")] = None,
+    layer_decay: Annotated[Optional[float], typer.Option(help="optim.layer_decay")] = None,
+    drop_path: Annotated[Optional[float], typer.Option(help="model.drop_path")] = None,
+    arch: Annotated[Optional[str], typer.Option(
+        help="model.arch: the timm architecture the checkpoint must be, e.g. vit_base_patch16_224")] = None,
+    img_size: Annotated[Optional[int], typer.Option(help="model.img_size (default: the checkpoint's)")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="train.precision: auto, bf16, fp16, fp32")] = None,
+    device: Annotated[Optional[str], typer.Option(help="train.device: auto, cpu, cuda, cuda:N")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="train.seed")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="data.workers, loader processes")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve settings, check the data and the "
+                                                            "checkpoint, build the model, then stop.")] = False,
+) -> None:
+    """Fine-tune a pretrained encoder as an image classifier (the published ViT protocol).
+
+    Global average pooling with a new norm and head, layer-wise lr decay, drop path,
+    Mixup/CutMix, RandAugment, random erasing, label smoothing, AdamW with warmup + cosine.
+    Writes into the run directory: settings.json, settings.provenance.json, classes.json,
+    manifest.json, metrics.jsonl (training and validation lines), checkpoints/ (kind "finetune").
+    Under torchrun every process runs this same command; rank 0 alone writes.
+    """
+    from localmim_cli import atomic, runs
+    from localmim_cli.cli import UserError, _print_settings, console, resolve_settings
+    from localmim_cli.distributed import from_environment
+    from localmim_cli.settings import FinetuneSettings
+
+    world = from_environment()
+    flags = {"data.path": str(data) if data else None, "init": str(init) if init else None,
+             "data.val_path": str(val) if val else None, "data.val_fraction": val_fraction,
+             "train.epochs": epochs, "train.batch_size": batch_size, "train.accum_steps": accum_steps,
+             "optim.lr": lr, "optim.base_lr": base_lr, "optim.layer_decay": layer_decay,
+             "model.drop_path": drop_path, "model.arch": arch, "model.img_size": img_size,
+             "train.precision": precision, "train.device": device, "train.seed": seed, "data.workers": workers}
+    base = None
+    if resume:
+        if out is None:
+            raise UserError("--resume needs --out RUN_DIR, the run to continue")
+        saved = out / "settings.json"
+        if not saved.is_file():
+            raise UserError(f"--resume: {saved} is missing; is {out} a localmim finetune run directory?")
+        if preset:
+            raise UserError("--resume continues with the run's own settings; drop --preset")
+        base = (f"run:{saved}", json.loads(saved.read_text()))
+    resolved = resolve_settings(FinetuneSettings, preset, config, set_, flags, base)
+    settings: FinetuneSettings = resolved.settings
+    if settings.data.path is None:
+        raise UserError("finetune needs DATA: a folder with one subfolder of images per class")
+    if settings.init is None and not settings.model.arch and not resume:
+        raise UserError("finetune needs --init CHECKPOINT (a pretrain run, a checkpoint, a published "
+                        "ViT .pth, or an exported encoder); or --arch to train from scratch")
+    run_dir = out or runs.default_run_dir(preset or "finetune")
+
+    # Everything the user can get wrong is checked before the run directory is touched.
+    from localmim_cli.encoder_weights import load_encoder_weights
+    from localmim_cli.features import labelled_split
+    split = labelled_split(settings.data.path, settings.data.val_path, settings.data.val_fraction,
+                           settings.train.seed)
+    if len(split.classes) < 2:
+        raise UserError(f"{settings.data.path}: only one class folder ({split.classes[0]}); "
+                        "classification needs two or more")
+    weights = None
+    if not resume:
+        weights = load_encoder_weights(settings.init) if settings.init else None
+        shape = model_shape(settings, weights)
+
+    if dry_run:
+        if resume:
+            raise UserError("--dry-run checks a new run; drop --resume")
+        _print_settings(resolved)
+        model = build_classifier(shape, len(split.classes), settings, weights)
+        n_params = sum(p.numel() for p in model.parameters())
+        console.print(f"{split.describe()}\nmodel: {shape.describe()}, "
+                      f"{n_params / 1e6:.2f} M parameters; would write to {run_dir}")
+        return
+
+    if world.is_main:
+        runs.prepare(run_dir, resume, overwrite)
+        atomic.write_json(run_dir / "settings.json", settings.model_dump(mode="json"))
+        atomic.write_json(run_dir / "settings.provenance.json", resolved.provenance)
+        console.print(f"run directory: {run_dir}")
+    summary = run(settings, run_dir, resume, console, {"provenance": resolved.provenance}, weights)
+    if world.is_main and summary:
+        val = summary.get("val") or {}
+        score = (f"; val top-1 {val['val_top1']:.2f}% (best {summary['best']['val_top1']:.2f}%)"
+                 if val else "")
+        console.print(f"[green]done[/]: {summary['steps']} steps, final loss "
+                      f"{summary.get('loss', float('nan')):.4f}{score}; checkpoints in {run_dir / 'checkpoints'}")

@@ -1,0 +1,334 @@
+"""`localmim finetune` on real photos: it learns, resumes exactly, takes published checkpoints,
+and refuses bad input with a message (exit 2) through the real CLI.
+
+Data: `make_labelled_sample_set` writes random crops of the built-in sample photos, one class per
+photo (7 classes). Checkpoints to start from come from a real `localmim pretrain` run (in
+process, a few steps of a tiny model) and from its weights rewritten into the authors' layout.
+The helpers here are shared with test_evaluate.py and test_export.py; what they build is cached
+under pytest's base temp folder, so a session builds each once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from localmim_cli import checkpoints
+from localmim_cli.data import make_labelled_sample_set
+from localmim_cli.sample_photos import sample_photo_paths
+
+CLASSES = sorted(p.stem for p in sample_photo_paths())
+
+# A tiny LocalMIM: 32 px, 8 px patches, width 48, 2 layers, 6 heads (the published "small" name
+# implies 6 heads, so the authors'-layout copy of it reads back with the right head count).
+TINY_PRETRAIN = """
+[model]
+img_size = 32
+taps = [1, 2]
+scales = [2.0, 1.0]
+[model.encoder]
+name = "vit"
+options = { arch = "vit_tiny", patch_size = 8, embed_dim = 48, depth = 2, num_heads = 6 }
+[model.target]
+name = "hog"
+[model.decoder]
+width = 32
+depth = 1
+num_heads = 2
+[data]
+workers = 0
+[optim]
+lr = 3e-3
+warmup_epochs = 0
+[train]
+epochs = 1
+batch_size = 16
+log_every = 4
+device = "cpu"
+precision = "fp32"
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: reproducible, and far faster than two threads on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def shared(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder built once per session (per xdist worker) and reused by every test file."""
+    root = tmp_path_factory.getbasetemp() / "localmim-ft-shared" / name
+    if not (root / ".done").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        build(root)
+        (root / ".done").touch()
+    return root
+
+
+def invoke(*args) -> str:
+    """The CLI in this process (no interpreter start-up); fails the test on a non-zero exit."""
+    from typer.testing import CliRunner
+
+    from localmim_cli.cli import app
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def photo_sets(tmp_path_factory) -> tuple[Path, Path]:
+    """(training folder: 24 crops per photo, held-out folder: 10 other crops per photo), 48 px."""
+    def build(root: Path) -> None:
+        make_labelled_sample_set(root / "train", n_per_class=24, size=48, seed=0)
+        make_labelled_sample_set(root / "heldout", n_per_class=10, size=48, seed=1)
+    root = shared(tmp_path_factory, "photos", build)
+    return root / "train", root / "heldout"
+
+
+def tiny_pretrain_run(tmp_path_factory) -> Path:
+    """A real `localmim pretrain` run directory: one epoch of the tiny model on the photo crops."""
+    train, _ = photo_sets(tmp_path_factory)
+
+    def build(root: Path) -> None:
+        (root / "tiny.toml").write_text(TINY_PRETRAIN)
+        torch.manual_seed(0)
+        invoke("pretrain", train, "--config", root / "tiny.toml", "--out", root / "run")
+    return shared(tmp_path_factory, "pretrain", build) / "run"
+
+
+def to_authors_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our LocalMIM state dict in the published key layout (published.to_our_keys, inverted)."""
+    out = {}
+    for key, value in state.items():
+        if key == "target.sobel_bias":
+            for k, pair in enumerate(value):
+                out[f"hog_enc.{k}.conv.bias"] = pair.clone()
+            continue
+        if m := re.fullmatch(r"encoder\.tap_norms\.(\d+)\.(.*)", key):
+            new = f"norm.{m.group(1)}.{m.group(2)}"
+        elif m := re.fullmatch(r"encoder\.(.*)", key):
+            new = m.group(1)
+        elif m := re.fullmatch(r"decoders\.(\d+)\.(.*)", key):
+            new = f"decoder.{m.group(1)}.{m.group(2)}"
+        else:
+            raise AssertionError(f"no published name for {key}")
+        out[new] = value.clone()
+    return out
+
+
+def published_pth(tmp_path_factory) -> Path:
+    """The tiny pretrain run's weights as the authors save them: {"model": ..., "args": ...}."""
+    run = tiny_pretrain_run(tmp_path_factory)
+
+    def build(root: Path) -> None:
+        state = to_authors_layout(checkpoints.load(run).model_state())
+        args = argparse.Namespace(model="MIM_vit_small_patch16", ID=[0, 1], hog_nbins=9, input_size=32)
+        torch.save({"model": state, "args": args, "epoch": 1}, root / "checkpoint-1.pth")
+    return shared(tmp_path_factory, "published", build) / "checkpoint-1.pth"
+
+
+def val_lines(run: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if line.get("kind") == "val"]
+
+
+# ------------------------------------------------------------------------------ learning
+
+
+def test_finetune_cli_learns_the_photo_classes(tmp_path_factory, tmp_path):
+    from rich.console import Console
+
+    from localmim_cli.evaluate import run_evaluation
+    from localmim_cli.settings import EvaluateSettings
+
+    train, heldout = photo_sets(tmp_path_factory)
+    init = tiny_pretrain_run(tmp_path_factory)
+    run = tmp_path / "ft"
+    r = run_cli("finetune", train, "--init", init, "--preset", "ft-small", "--epochs", 6, "--val-fraction",
+                0.2, "--workers", 0, "--device", "cpu", "--precision", "fp32", "--out", run)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "val top-1" in r.stdout
+
+    assert json.loads((run / "classes.json").read_text()) == CLASSES
+    ckpt = checkpoints.load(run)
+    assert ckpt.meta["kind"] == "finetune" and ckpt.meta["classes"] == CLASSES
+    assert ckpt.meta["init"]["kind"] == "pretrain"
+    state = ckpt.model_state()
+    assert state["head.weight"].shape == (len(CLASSES), 48) and "fc_norm.weight" in state
+    assert not any(k.startswith(("decoders", "encoder.", "norm.")) for k in state)
+    assert len(val_lines(run)) == 6
+    settings = json.loads((run / "settings.json").read_text())
+    assert settings["optim"]["layer_decay"] == 0.75 and settings["mixup"]["prob"] == 0.5  # from ft-small
+
+    # Held-out crops the run never saw: well above the 1-in-7 chance.
+    results, path = run_evaluation(run, heldout, EvaluateSettings(workers=0, device="cpu"), Console(quiet=True))
+    assert path == run / "eval" / "classifier.json" and path.is_file()
+    assert results["images"] == 70
+    assert results["top1"] >= 40.0, results["top1"]
+    assert results["top5"] >= results["top1"]
+    assert {row["class"] for row in results["per_class"]} == set(CLASSES)
+    assert sum(row["correct"] for row in results["per_class"]) == round(results["top1"] * 70 / 100)
+
+    # DATA = the training folder: scored on the images the run held out, not on what it trained on.
+    again, _ = run_evaluation(run, train, EvaluateSettings(workers=0, device="cpu"), Console(quiet=True),
+                              out=tmp_path / "again.json")
+    assert "held out" in again["evaluated_on"]
+    assert again["images"] == val_lines(run)[-1]["val_images"]
+    assert again["top1"] == pytest.approx(val_lines(run)[-1]["val_top1"], abs=1e-3)
+
+
+def test_resume_continues_exactly(tmp_path_factory, tmp_path):
+    train, _ = photo_sets(tmp_path_factory)
+    init = tiny_pretrain_run(tmp_path_factory)
+    common = ["finetune", train, "--init", init, "--preset", "ft-small", "--epochs", 2, "--batch-size", 16,
+              "--workers", 0, "--device", "cpu", "--precision", "fp32", "--set", "train.eval_every=0"]
+    whole = tmp_path / "whole"
+    invoke(*common, "--out", whole)
+    names = [p.name for p in checkpoints.list_checkpoints(whole / "checkpoints")]
+    assert len(names) == 2
+
+    # The same run "interrupted" after epoch 1: its last checkpoint gone, latest pointing at the first.
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / names[1])
+    (cut / "checkpoints" / "latest.json").write_text(json.dumps({"name": names[0]}))
+    invoke("finetune", "--resume", "--out", cut)
+
+    a, b = load_file(str(whole / "checkpoints" / names[1] / "model.safetensors")), checkpoints.load(cut).model_state()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines()] == \
+           [json.loads(x)["step"] for x in (whole / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------ published checkpoints
+
+
+def test_published_checkpoint_initialises_finetuning(tmp_path_factory, tmp_path):
+    from localmim_cli.encoder_weights import load_encoder_weights
+    from localmim_cli.finetune import build_classifier, model_shape
+    from localmim_cli.settings import FinetuneSettings
+
+    pth = published_pth(tmp_path_factory)
+    train, _ = photo_sets(tmp_path_factory)
+    weights = load_encoder_weights(pth)
+    assert weights.kind == "published"
+    assert (weights.shape.embed_dim, weights.shape.depth, weights.shape.num_heads) == (48, 2, 6)
+    assert weights.pooling == "norm_then_pool"          # norm.1 (the last tap, on the last layer) kept
+    assert not any(k.startswith(("decoder", "hog_enc")) for k in weights.state)
+
+    settings = FinetuneSettings()
+    model = build_classifier(model_shape(settings, weights), 7, settings, weights)
+    published = torch.load(pth, weights_only=False)["model"]
+    ours = model.state_dict()
+    for key in ("blocks.1.attn.qkv.weight", "patch_embed.proj.weight", "cls_token", "pos_embed"):
+        assert torch.equal(ours[key], published[key]), key
+    assert ours["head.weight"].abs().max() < 1e-4             # trunc-normal(2e-5) head
+    assert torch.equal(ours["fc_norm.weight"], torch.ones(48))  # a new norm, not the tap norm
+
+    run = tmp_path / "ft"
+    invoke("finetune", train, "--init", pth, "--preset", "ft-small", "--epochs", 1, "--workers", 0,
+           "--device", "cpu", "--out", run)
+    meta = checkpoints.load(run).meta
+    assert meta["init"]["kind"] == "published" and meta["init"]["source"] == str(pth)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    """The console-script entry point (`localmim_cli.cli.main`, which maps user errors to exit 2)
+    in this process: (exit status, stderr)."""
+    from localmim_cli.cli import main
+    capsys.readouterr()
+    argv = sys.argv
+    sys.argv = ["localmim", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err
+
+
+def test_bad_inputs_exit_2_with_a_message(tmp_path_factory, tmp_path, capsys):
+    train, _ = photo_sets(tmp_path_factory)
+    init = tiny_pretrain_run(tmp_path_factory)
+    flat = tmp_path / "flat"                      # images, but no class subfolders
+    flat.mkdir()
+    for src in sorted((train / CLASSES[0]).iterdir())[:3]:
+        shutil.copy(src, flat / src.name)
+    holey = tmp_path / "holey"                    # one class folder holds no images
+    shutil.copytree(train, holey)
+    (holey / "zebra").mkdir()
+    (holey / "zebra" / "notes.txt").write_text("no pictures here")
+    out = tmp_path / "runs"
+
+    # One in a fresh interpreter, as a user runs it: the process exit status itself.
+    r = run_cli("finetune", flat, "--init", init, "--out", out / "a")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert "flat" in r.stderr and "no class subfolders" in r.stderr
+
+    # The rest through the same entry point in this process (no interpreter start-up each).
+    cases = {
+        "empty class": (["finetune", holey, "--init", init, "--out", out / "b"], ["zebra", "has no images"]),
+        "arch": (["finetune", train, "--init", init, "--preset", "vit-b16-ft-1600ep", "--out", out / "c"],
+                 ["vit_base_patch16_224", "width 48", "model.arch"]),
+        "missing init": (["finetune", train, "--init", tmp_path / "nothing.pth", "--out", out / "d"],
+                         ["nothing.pth", "no such checkpoint"]),
+        "no head": (["evaluate", init, train, "--protocol", "classifier", "--out", out / "e.json"],
+                    ["classifier", "knn"]),
+    }
+    for name, (args, phrases) in cases.items():
+        code, err = run_main(capsys, *args)
+        assert code == 2, f"{name}: {err}"
+        assert "Traceback" not in err, f"{name}: {err}"
+        for phrase in phrases:
+            assert phrase in " ".join(err.split()), f"{name}: {phrase!r} not in {err}"
+    assert not any((out / x).exists() for x in "abcde")
+
+
+# ------------------------------------------------------------------------------ presets
+
+
+@pytest.mark.parametrize("name, arch, lr, min_lr, layer_decay, drop_path, epochs, warmup", [
+    ("vit-b16-ft-1600ep", "vit_base_patch16_224", 2e-3, 1e-5, 0.65, 0.1, 100, 20),
+    ("vit-b16-ft-100ep", "vit_base_patch16_224", 4e-3, 1e-6, 0.75, 0.1, 100, 20),
+    ("vit-l16-ft", "vit_large_patch16_224", 3e-3, 1e-6, 0.75, 0.2, 50, 5),
+])
+def test_published_finetune_presets_hold_the_published_numbers(name, arch, lr, min_lr, layer_decay, drop_path,
+                                                               epochs, warmup):
+    """Method digest section 2.2: effective batch 1024 on 8 GPUs, the absolute lr at that batch."""
+    from localmim_cli.layers import resolve
+    from localmim_cli.presets_catalog import effective_batch, load_preset, scaled_lr
+    from localmim_cli.settings import FinetuneSettings
+
+    info, values = load_preset(name)
+    assert info.kind == "finetune" and info.world_size == 8
+    s = resolve(FinetuneSettings, preset=values, preset_name=name, environ={}).settings
+    assert effective_batch(s, info.world_size) == 1024
+    assert scaled_lr(s, info.world_size) == pytest.approx(lr)
+    assert (s.model.arch, s.optim.min_lr, s.optim.layer_decay, s.model.drop_path) == (arch, min_lr, layer_decay,
+                                                                                      drop_path)
+    assert (s.train.epochs, s.optim.warmup_epochs, s.optim.betas, s.optim.weight_decay) == (epochs, warmup,
+                                                                                          (0.9, 0.999), 0.05)
+    assert (s.mixup.mixup, s.mixup.cutmix, s.mixup.switch_prob, s.optim.label_smoothing) == (0.8, 1.0, 0.5, 0.1)
+    assert (s.data.auto_augment, s.data.reprob, s.data.remode, s.model.head_init_std) == (
+        "rand-m9-mstd0.5-inc1", 0.25, "pixel", 2e-5)

@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
-	@for p in plugins/*/; do [ -f $$p/pyproject.toml ] && $(BIN)/pip install -q --disable-pip-version-check -e $$p || true; done
+	@for p in plugins/*/; do if [ -f $$p/pyproject.toml ]; then \
+		$(BIN)/pip install -q --disable-pip-version-check -e $$p || exit 1; fi; done
 	touch $@
 
 demo: setup

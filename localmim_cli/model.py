@@ -77,7 +77,7 @@ class LocalMIM(nn.Module):
             if scale < 1 and (grid[0] % round(1 / scale) or grid[1] % round(1 / scale)):
                 raise ValueError(f"tap at layer {layer} has a {grid[0]}x{grid[1]} grid, which does "
                                  f"not divide by the pooling factor {round(1 / scale)} of scale {scale}")
-            n_prefix = 1 if getattr(encoder, "cls_token", None) is not None else 0
+            n_prefix = getattr(encoder, "n_prefix", 1 if getattr(encoder, "cls_token", None) is not None else 0)
             decoders.append(LocalDecoder(tap.channels, grid, n_prefix, decoder.width, decoder.depth,
                                          decoder.num_heads, decoder.mlp_ratio, scale, dim,
                                          layer_norm_eps))

@@ -3,6 +3,10 @@
 An entry point in group `localmim.encoders` resolves to an `EncoderPlugin`, one in
 `localmim.targets` to a `TargetPlugin`. Each carries the interface version it was written for,
 a pydantic model of its options (validated with the run's settings) and a builder.
+
+The plugin author's guide is docs/plugins.md; `localmim_cli.conformance` has the checks to run
+in a plugin's own tests. A plugin whose `api_version` differs from `expected_api_version` is
+listed as broken and never built (registry.py).
 """
 
 from __future__ import annotations

@@ -62,13 +62,16 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; not biases or norm weights (1-D), as published (timm add_weight_decay)."""
+def param_groups(model: LocalMIM, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices; not biases or norm weights (1-D), as published (timm add_weight_decay),
+    nor what an encoder plugin lists in its timm-style `no_weight_decay()`."""
+    skip = getattr(model.encoder, "no_weight_decay", lambda: set())()
+    skip = {f"encoder.{name}" for name in skip}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 

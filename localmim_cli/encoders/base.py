@@ -47,6 +47,11 @@ class MaskedEncoder(nn.Module):
     unit_grid:  (rows, cols) of mask units for the configured image size
     taps:       TapInfo for each tapped layer, lowest first
     tap_layers: the (1-indexed) layer numbers tapped, for display and checkpoints
+
+    What localmim relies on beyond the signatures (docs/plugins.md; `localmim_cli.conformance`
+    checks each): a tap's grid is the image side over its stride, and the stride and unit_px
+    divide one another; hidden units' pixels must not reach any tap; every trainable parameter
+    gets a gradient from forward_taps (DistributedDataParallel needs it).
     """
 
     unit_px: int
@@ -61,4 +66,11 @@ class MaskedEncoder(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Unmasked forward for fine-tuning and probes: (B, C) pooled features."""
+        raise NotImplementedError
+
+    def to_timm(self) -> nn.Module:
+        """Optional: this encoder as a timm model (no classifier) holding these weights, such that
+        `m.forward_head(m.forward_features(x), pre_logits=True)` equals `self.forward_features(x)`.
+        Encoders without a timm counterpart leave it unimplemented (NotImplementedError).
+        """
         raise NotImplementedError

@@ -260,7 +260,8 @@ def _train(resolved: Resolved, run_dir: Path, resume: bool, console: Console,
                     pos = Position(epoch + 1, 0, pos.step)
                     if tr.visualize_every and pos.epoch % tr.visualize_every == 0 and world.is_main:
                         _progress_figure(model, paths, run_dir, pos.epoch, tr.seed)
-                if at_epoch_end or (tr.checkpoint_every and pos.step % tr.checkpoint_every == 0):
+                due = (pos.step % tr.checkpoint_every == 0) if tr.checkpoint_every else at_epoch_end
+                if due or pos.step == total_steps:
                     bad = bool(distributed.all_reduce_mean(nonfinite.float(), world).item() > 0)
                     _stop_if_diverged(bad, pos, ckpt_dir)
                     save_checkpoint(pos)

@@ -79,7 +79,7 @@ class TrainSettings(Strict):
     seed: int = Field(0, description="run seed; crops, flips and masks derive from it per sample")
     log_every: int = Field(20, ge=1, description="optimizer steps between logged metrics")
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints "
-                                                       "(0 = at each epoch's end only)")
+                                                       "(0 = at each epoch's end); the last step always")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     visualize_every: int = Field(0, ge=0, description="epochs between reconstruction figures (0 = never)")
 
@@ -174,7 +174,7 @@ class FinetuneTrainSettings(Strict):
     eval_every: int = Field(1, ge=0, description="epochs between validation passes (0 = last epoch only)")
     eval_batch_size: int | None = Field(None, ge=1, description="validation batch; empty = batch_size")
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints "
-                                                       "(0 = at each epoch's end only)")
+                                                       "(0 = at each epoch's end); the last step always")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
 
 

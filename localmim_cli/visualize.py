@@ -35,8 +35,8 @@ PIXEL_NOTE = ("Pixel predictions: pixels un-normalized with true cell statistics
               "brightness and contrast come from the input. Pasted panels: visible patches are the "
               "input pixels, hidden patches the prediction.")
 HOG_NOTE = ("HOG: one line glyph per cell and orientation bin, along the edge direction of the bin "
-            "(perpendicular to its gradient), length and brightness relative to the cell's largest "
-            "bin; R, G and B histograms summed. Predictions drawn the same way.")
+            "(perpendicular to its gradient), length and brightness = (bin - cell's smallest bin) / "
+            "(largest - smallest); R, G and B histograms summed. Predictions drawn the same way.")
 LOSS_NOTE = "Loss: masked mean squared error of each scale on this image (hidden cells only)."
 
 

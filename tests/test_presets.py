@@ -64,7 +64,9 @@ def test_demo_runs_a_forward_pass_and_fits_its_budget():
     assert 64 <= N_SAMPLE_PHOTOS * s.data.repeats <= 128
     assert s.data.path is None  # the built-in sample photos
     assert s.train.device == s.train.precision == "auto"
-    assert (s.data.workers, s.train.log_every, s.train.checkpoint_every) == (2, 1, 0)
+    steps = s.train.epochs * (N_SAMPLE_PHOTOS * s.data.repeats // s.train.batch_size)
+    assert steps <= 1000  # about 3 minutes on 2 CPU cores
+    assert 0 < s.train.checkpoint_every and steps // s.train.checkpoint_every <= 10  # few writes
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
 
 

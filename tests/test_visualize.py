@@ -186,6 +186,11 @@ def test_hog_glyph_length_and_size_follow_bin_weights_and_cell_size():
     assert img[near_horizontal].max() == 128  # half the weight, half the brightness
     # A prediction's negative weights draw nothing; an all-zero cell stays black.
     assert not hog.render(-np.ones((1, 1, 27)), 8).any()
+    # Weight common to all bins is not drawn: a flat histogram with one raised bin draws that bin alone.
+    flat = np.full((1, 1, 27), 0.3)
+    flat[..., 4] = 0.5
+    assert np.array_equal(hog.render(flat, 32), hog.render(cells[:1, :1] * np.eye(27)[4], 32))
+    assert not hog.render(np.full((1, 1, 27), 0.3), 8).any()
 
 
 @pytest.mark.parametrize("alpha", [15, 40, 90, 125, 165])

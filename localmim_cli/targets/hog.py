@@ -108,8 +108,12 @@ class HOGTarget(ReconstructionTarget):
         perpendicular to the gradient, counter-clockwise from horizontal. Bin b's glyph is a line
         through the cell centre at theta_b = (b + 0.5) * 180/nbins degrees counter-clockwise from
         horizontal: along (column, row) = (cos theta_b, -sin theta_b) in array coordinates.
-        Length and brightness are the bin's weight over the cell's largest bin: the largest bin
-        spans the cell less a 1-px margin at full white; overlapping glyphs keep the brighter.
+        Length and brightness are the bin's weight above the cell's smallest bin, over the cell's
+        range (largest minus smallest): the largest bin spans the cell less a 1-px margin at full
+        white, the smallest draws nothing. Why the range and not the largest bin alone: a
+        regression to the mean predicts some weight in every bin, which drawn against the largest
+        bin is a star hiding the orientations the prediction prefers; for targets, whose smallest
+        bin is usually 0, both ways agree. Overlapping glyphs keep the brighter.
         `image` is not used.
         """
         import numpy as np
@@ -121,8 +125,9 @@ class HOGTarget(ReconstructionTarget):
         h, w, dim = weights.shape
         nbins = dim // 3
         hist = np.clip(weights.reshape(h, w, 3, nbins).sum(axis=2), 0, None)
-        peak = hist.max(axis=-1, keepdims=True)
-        rel = np.divide(hist, peak, out=np.zeros_like(hist), where=peak > 0)
+        low = hist.min(axis=-1, keepdims=True)
+        span = hist.max(axis=-1, keepdims=True) - low
+        rel = np.divide(hist - low, span, out=np.zeros_like(hist), where=span > 0)
         g = int(glyph_px) if glyph_px else cell_px * math.ceil(8 / cell_px)
         offsets = np.arange(g) + 0.5 - g / 2  # pixel centres relative to the cell centre
         col, row = np.meshgrid(offsets, offsets)  # (g, g), indexed [row, col]

@@ -32,8 +32,9 @@ app.add_typer(presets_app, name="presets")
 app.add_typer(config_app, name="config")
 app.add_typer(plugins_app, name="plugins")
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: lines in logs and pipes stay whole instead of breaking at 80 columns
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 class UserError(Exception):
@@ -43,7 +44,7 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from localmim_cli.data import DataError
     from localmim_cli.layers import SettingsError
-    from localmim_cli.pretrain import TrainingDiverged
+    from localmim_cli.training import TrainingDiverged
     from localmim_cli.published import CheckpointError
     from localmim_cli.registry import PluginError
     from localmim_cli.runs import RunDirError

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -32,13 +30,6 @@ if TYPE_CHECKING:
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
                      "train.device", "train.eval_every", "train.eval_batch_size", "data.workers",
                      "data.path", "data.val_path", "init"}
-
-
-@dataclass
-class Position:
-    epoch: int = 0
-    micro_step: int = 0   # next micro-step to run within the epoch
-    step: int = 0         # optimizer steps done in the whole run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +138,7 @@ def validate(model: "torch.nn.Module", samples, img_size: int, settings: "Finetu
 
     from localmim_cli import distributed
     from localmim_cli.features import EvalSamples, loader_kwargs
-    from localmim_cli.pretrain import autocast
+    from localmim_cli.training import autocast
 
     mine = list(samples)[world.rank::world.size]
     batch = settings.train.eval_batch_size or settings.train.batch_size
@@ -222,7 +213,8 @@ def _train(settings: "FinetuneSettings", run_dir: Path, resume: bool, console: "
     from localmim_cli.data import DataError, draft_size_for, fingerprint
     from localmim_cli.encoder_weights import ViTShape, load_encoder_weights, timm_model_args
     from localmim_cli.features import AugmentedSamples, labelled_split, loader_kwargs, split_record
-    from localmim_cli.pretrain import autocast, resolve_precision
+    from localmim_cli.training import (IntervalMeter, Position, autocast, optimizer_step, resolve_precision,
+                                       stop_if_diverged)
     from localmim_cli.progress import StepProgress
     from localmim_cli.published import CheckpointError
     from localmim_cli.sampler import StepBatches
@@ -340,19 +332,16 @@ def _train(settings: "FinetuneSettings", run_dir: Path, resume: bool, console: "
 
     summary: dict[str, Any] = {}
     model.train()
+    meter = IntervalMeter(1, device)
     with StepProgress(console, total_steps, pos.step, world.is_main, label="finetune") as progress:
         for epoch in range(pos.epoch, tr.epochs):
             dataset.set_epoch(epoch)
             start = pos.micro_step if epoch == pos.epoch else 0
             batches.set_position(epoch, start)
             loader = DataLoader(dataset, batch_sampler=_FirstN(batches, micro_per_epoch - start), **lkw)
-            loss_sum = torch.zeros((), device=device)
-            count = torch.zeros((), device=device)
-            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-            data_wait, t_interval, images = 0.0, time.perf_counter(), 0
-            t_fetch = time.perf_counter()
+            meter.reset()
             for micro, (x, y) in enumerate(loader, start=start):
-                data_wait += time.perf_counter() - t_fetch
+                meter.fetched()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 # Mixing and drop path draw from global generators: seed them per micro-step so a
                 # resumed run draws exactly what the uninterrupted run would have.
@@ -370,77 +359,44 @@ def _train(settings: "FinetuneSettings", run_dir: Path, resume: bool, console: "
                         logits = net(x)
                     loss = loss_fn(logits.float(), y)
                     scaler.scale(loss / tr.accum_steps).backward()
-                loss_sum += loss.detach()
-                count += 1
-                nonfinite |= ~torch.isfinite(loss.detach())
-                images += x.shape[0] * world.size
+                meter.add(loss.reshape(1), loss, x.shape[0] * world.size)
                 if not last_micro:
-                    t_fetch = time.perf_counter()
+                    meter.waiting()
                     continue
 
                 current_lr = lr_at(pos.step, steps_per_epoch, lr, opt_s.min_lr, opt_s.warmup_epochs, tr.epochs)
-                for group in optimizer.param_groups:
-                    group["lr"] = current_lr * group.get("lr_scale", 1.0)
-                scaler.unscale_(optimizer)
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
-                grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), opt_s.clip_grad)
-                             if opt_s.clip_grad is not None else None)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(model, optimizer, scaler, current_lr, opt_s.clip_grad)
                 pos.step += 1
                 progress.advance()
                 at_epoch_end = micro + 1 == micro_per_epoch
                 pos.micro_step = micro + 1
 
                 if pos.step % tr.log_every == 0 or at_epoch_end:
-                    if grad_norm is None:
-                        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-                    mean_loss = distributed.all_reduce_mean(loss_sum / count, world).item()
-                    bad = bool(distributed.all_reduce_mean(nonfinite.float(), world).item() > 0)
-                    stop_if_diverged(bad, pos, ckpt_dir)
-                    elapsed = time.perf_counter() - t_interval
-                    record = {"epoch": epoch, "step": pos.step, "loss": mean_loss, "lr": current_lr,
-                              "grad_norm": float(grad_norm), "images_per_s": images / max(elapsed, 1e-9),
-                              "data_wait": data_wait / max(elapsed, 1e-9)}
+                    stop_if_diverged(meter.diverged(world), pos, ckpt_dir)
+                    interval = meter.read(world)
+                    record = {"epoch": epoch, "step": pos.step, "loss": interval.pop("losses")[0],
+                              "lr": current_lr, "grad_norm": float(grad_norm()), **interval}
                     if world.is_main:
                         metrics_log.write(record)
                     progress.update(record)
                     summary = record
-                    loss_sum.zero_(), count.zero_()
-                    data_wait, t_interval, images = 0.0, time.perf_counter(), 0
+                    meter.reset()
 
                 if at_epoch_end:
                     pos = Position(epoch + 1, 0, pos.step)
                     last_epoch = epoch + 1 == tr.epochs
                     if last_epoch or (tr.eval_every and (epoch + 1) % tr.eval_every == 0):
                         run_validation(epoch)
-                if at_epoch_end or (tr.checkpoint_every and pos.step % tr.checkpoint_every == 0):
-                    bad = bool(distributed.all_reduce_mean(nonfinite.float(), world).item() > 0)
-                    stop_if_diverged(bad, pos, ckpt_dir)
+                due = (pos.step % tr.checkpoint_every == 0) if tr.checkpoint_every else at_epoch_end
+                if due or pos.step == total_steps:
+                    stop_if_diverged(meter.diverged(world), pos, ckpt_dir)
                     save_checkpoint(pos)
-                t_fetch = time.perf_counter()
+                meter.waiting()
             distributed.barrier(world)
     if world.is_main:
         summary = {**summary, "run_dir": str(run_dir), "steps": pos.step, "epochs": tr.epochs,
                    "classes": num_classes, "val": last_val, "best": best}
     return summary
-
-
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-def stop_if_diverged(bad: bool, pos: Position, ckpt_dir: Path) -> None:
-    if not bad:
-        return
-    from localmim_cli import checkpoints
-    last = checkpoints.read_latest_name(ckpt_dir)
-    kept = f"the last good checkpoint ({last}) is intact" if last else "no checkpoint had been written yet"
-    raise TrainingDiverged(
-        f"the loss became NaN or infinite by step {pos.step}; {kept}. Try a lower learning rate "
-        "(optim.base_lr or --lr), gradient clipping (optim.clip_grad=1.0), more warmup, or "
-        "train.precision=bf16 / fp32 instead of fp16; then --resume or start over.")
 
 
 class _FirstN:

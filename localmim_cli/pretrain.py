@@ -10,9 +10,6 @@ the device and are read once per logging interval.
 from __future__ import annotations
 
 import contextlib
-import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,36 +27,12 @@ from localmim_cli.progress import StepProgress
 from localmim_cli.sampler import StepBatches
 from localmim_cli.schedule import lr_at
 from localmim_cli.settings import PretrainSettings
+from localmim_cli.training import (IntervalMeter, Position, autocast, optimizer_step, resolve_precision,
+                                   stop_if_diverged)
 
 # Settings a resume may change without breaking exact continuation.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
                      "train.visualize_every", "train.device", "data.workers", "data.path"}
-
-
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-@dataclass
-class Position:
-    epoch: int = 0
-    micro_step: int = 0   # next micro-step to run within the epoch
-    step: int = 0         # optimizer steps done in the whole run
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    if requested != "auto":
-        return requested
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def param_groups(model: LocalMIM, weight_decay: float) -> list[dict[str, Any]]:
@@ -189,21 +162,16 @@ def _train(resolved: Resolved, run_dir: Path, resume: bool, console: Console,
                          {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
                          keep_last=tr.keep_last)
 
-    n_scales = len(model.scales)
     summary: dict[str, Any] = {}
+    meter = IntervalMeter(len(model.scales), device)
     with StepProgress(console, total_steps, pos.step, world.is_main) as progress:
         for epoch in range(pos.epoch, tr.epochs):
             start = pos.micro_step if epoch == pos.epoch else 0
             batches.set_position(epoch, start)
             epoch_sampler.limit = micro_per_epoch - start
-            # Device-side accumulators, read once per logging interval.
-            loss_sum = torch.zeros(n_scales, device=device)
-            count = torch.zeros((), device=device)
-            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-            data_wait, t_interval, images = 0.0, time.perf_counter(), 0
-            t_fetch = time.perf_counter()
+            meter.reset()
             for micro, batch in enumerate(loader, start=start):
-                data_wait += time.perf_counter() - t_fetch
+                meter.fetched()
                 images_t = batch["image"].to(device, non_blocking=True)
                 noise = batch["noise"].to(device, non_blocking=True)
                 last_micro = (micro + 1) % tr.accum_steps == 0
@@ -212,49 +180,30 @@ def _train(resolved: Resolved, run_dir: Path, resume: bool, console: Console,
                     with autocast(precision, device):
                         out = net(images_t, noise=noise)
                     scaler.scale(out.loss / tr.accum_steps).backward()
-                loss_sum += out.losses.detach().float()
-                count += 1
-                nonfinite |= ~torch.isfinite(out.loss.detach())
-                images += images_t.shape[0] * world.size
+                meter.add(out.losses, out.loss, images_t.shape[0] * world.size)
                 if not last_micro:
-                    t_fetch = time.perf_counter()
+                    meter.waiting()
                     continue
 
                 current_lr = lr_at(pos.step, steps_per_epoch, lr, opt_s.min_lr, opt_s.warmup_epochs, tr.epochs)
-                for group in optimizer.param_groups:
-                    group["lr"] = current_lr
-                scaler.unscale_(optimizer)
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
-                if opt_s.clip_grad is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_s.clip_grad)
-                else:
-                    grad_norm = None
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(model, optimizer, scaler, current_lr, opt_s.clip_grad)
                 pos.step += 1
                 progress.advance()
                 at_epoch_end = micro + 1 == micro_per_epoch
                 pos.micro_step = micro + 1
 
                 if pos.step % tr.log_every == 0 or at_epoch_end:
-                    if grad_norm is None:
-                        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-                    losses = distributed.all_reduce_mean(loss_sum / count, world).tolist()
-                    bad = bool(distributed.all_reduce_mean(nonfinite.float(), world).item() > 0)
-                    _stop_if_diverged(bad, pos, ckpt_dir)
-                    elapsed = time.perf_counter() - t_interval
+                    stop_if_diverged(meter.diverged(world), pos, ckpt_dir)
+                    interval = meter.read(world)
+                    losses = interval.pop("losses")
                     record = {"epoch": epoch, "step": pos.step, "loss": sum(losses),
                               **{f"loss_scale{k}": v for k, v in enumerate(losses)},
-                              "lr": current_lr, "grad_norm": float(grad_norm),
-                              "images_per_s": images / max(elapsed, 1e-9),
-                              "data_wait": data_wait / max(elapsed, 1e-9)}
+                              "lr": current_lr, "grad_norm": float(grad_norm()), **interval}
                     if world.is_main:
                         metrics_log.write(record)
                     progress.update(record)
                     summary = record
-                    loss_sum.zero_(), count.zero_()
-                    data_wait, t_interval, images = 0.0, time.perf_counter(), 0
+                    meter.reset()
 
                 if at_epoch_end:
                     pos = Position(epoch + 1, 0, pos.step)
@@ -262,10 +211,9 @@ def _train(resolved: Resolved, run_dir: Path, resume: bool, console: Console,
                         _progress_figure(model, paths, run_dir, pos.epoch, tr.seed)
                 due = (pos.step % tr.checkpoint_every == 0) if tr.checkpoint_every else at_epoch_end
                 if due or pos.step == total_steps:
-                    bad = bool(distributed.all_reduce_mean(nonfinite.float(), world).item() > 0)
-                    _stop_if_diverged(bad, pos, ckpt_dir)
+                    stop_if_diverged(meter.diverged(world), pos, ckpt_dir)
                     save_checkpoint(pos)
-                t_fetch = time.perf_counter()
+                meter.waiting()
             distributed.barrier(world)
     if world.is_main:
         summary = {**summary, "run_dir": str(run_dir), "steps": pos.step, "epochs": tr.epochs}
@@ -294,14 +242,3 @@ def _progress_figure(model: LocalMIM, paths: list[Path], run_dir: Path, epoch: i
     from localmim_cli.visualize import write_progress_figure
     write_progress_figure(model, paths[:4], run_dir / "figures" / f"epoch-{epoch:04d}.png", seed,
                           title=f"epoch {epoch}")
-
-
-def _stop_if_diverged(bad: bool, pos: Position, ckpt_dir: Path) -> None:
-    if not bad:
-        return
-    last = checkpoints.read_latest_name(ckpt_dir)
-    kept = f"the last good checkpoint ({last}) is intact" if last else "no checkpoint had been written yet"
-    raise TrainingDiverged(
-        f"the loss became NaN or infinite by step {pos.step}; {kept}. Try a lower learning rate "
-        "(optim.base_lr), gradient clipping (optim.clip_grad=1.0), more warmup, or "
-        "train.precision=bf16 / fp32 instead of fp16; then --resume or start over.")

@@ -85,7 +85,7 @@ def run_evaluation(checkpoint: Path, data: Path, settings: "EvaluateSettings", c
     from localmim_cli.distributed import World, choose_device
     from localmim_cli.encoder_weights import load_encoder_weights, reference_feature_model
     from localmim_cli.features import FeatureCache, cache_dir_for, features_for, labelled_split, split_record
-    from localmim_cli.pretrain import resolve_precision
+    from localmim_cli.training import resolve_precision
 
     weights = load_encoder_weights(checkpoint)
     protocol = choose_protocol(settings.protocol, weights)

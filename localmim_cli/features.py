@@ -185,7 +185,7 @@ def extract(model: torch.nn.Module, samples: Sequence[Sample], img_size: int, cr
             batch_size: int, workers: int, device: torch.device, precision: str = "fp32",
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, C) float32 on the CPU, labels (N,) int64) in sample order."""
-    from localmim_cli.pretrain import autocast
+    from localmim_cli.training import autocast
 
     if not samples:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)

@@ -11,9 +11,7 @@ torchrun handling, and no host synchronisation per step.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -209,17 +207,15 @@ def _train(settings: "FinetuneSettings", run_dir: Path, resume: bool, console: "
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader
 
-    from localmim_cli import atomic, checkpoints, distributed, runs
+    from localmim_cli import atomic, checkpoints, runs
     from localmim_cli.data import DataError, draft_size_for, fingerprint
     from localmim_cli.encoder_weights import ViTShape, load_encoder_weights, timm_model_args
     from localmim_cli.features import AugmentedSamples, labelled_split, loader_kwargs, split_record
-    from localmim_cli.training import (IntervalMeter, Position, autocast, optimizer_step, resolve_precision,
-                                       stop_if_diverged)
     from localmim_cli.progress import StepProgress
     from localmim_cli.published import CheckpointError
     from localmim_cli.sampler import StepBatches
-    from localmim_cli.schedule import lr_at
     from localmim_cli.seeding import derive_seed
+    from localmim_cli.training import Loop, Position, resolve_precision, run_loop
 
     tr, opt_s, d = settings.train, settings.optim, settings.data
     precision = resolve_precision(tr.precision, device)
@@ -317,11 +313,11 @@ def _train(settings: "FinetuneSettings", run_dir: Path, resume: bool, console: "
                          {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
                          keep_last=tr.keep_last)
 
-    def run_validation(epoch: int) -> None:
+    def run_validation(epoch: int, step: int) -> None:
         nonlocal last_val, best
         if not split.val:
             return
-        last_val = {"epoch": epoch, "step": pos.step, **validate(model, split.val, shape.img_size, settings,
+        last_val = {"epoch": epoch, "step": step, **validate(model, split.val, shape.img_size, settings,
                                                                  device, precision, world)}
         if not best or last_val["val_top1"] > best["val_top1"]:
             best = dict(last_val)
@@ -330,73 +326,39 @@ def _train(settings: "FinetuneSettings", run_dir: Path, resume: bool, console: "
         progress.note(f"epoch {epoch}: val top-1 {last_val['val_top1']:.2f}%  top-5 {last_val['val_top5']:.2f}%  "
                       f"loss {last_val['val_loss']:.4f}  ({last_val['val_images']} images)")
 
-    summary: dict[str, Any] = {}
+    def epoch_batches(epoch: int, start: int):
+        dataset.set_epoch(epoch)
+        batches.set_position(epoch, start)
+        return DataLoader(dataset, batch_sampler=_FirstN(batches, micro_per_epoch - start), **lkw)
+
+    def forward(batch, epoch: int, micro: int):
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        # Mixing and drop path draw from global generators: seed them per micro-step so a
+        # resumed run draws exactly what the uninterrupted run would have.
+        step_seed = derive_seed(tr.seed, "micro", world.rank, epoch, micro)
+        torch.manual_seed(step_seed)
+        if mix is not None:
+            np_state = np.random.get_state()
+            np.random.seed(step_seed % 2**32)
+            x, y = mix(x, y)
+            np.random.set_state(np_state)
+        loss = loss_fn(net(x).float(), y)
+        return loss, loss.reshape(1), x.shape[0]
+
+    def on_epoch_end(position: Position) -> None:
+        if position.epoch == tr.epochs or (tr.eval_every and position.epoch % tr.eval_every == 0):
+            run_validation(position.epoch - 1, position.step)
+
+    loop = Loop(net=net, model=model, optimizer=optimizer, scaler=scaler, world=world, device=device,
+                precision=precision, train=tr, optim=opt_s, lr=lr, steps_per_epoch=steps_per_epoch,
+                n_losses=1, ckpt_dir=ckpt_dir, epoch_batches=epoch_batches, forward=forward,
+                loss_fields=lambda losses: {"loss": losses[0]}, on_epoch_end=on_epoch_end,
+                save=save_checkpoint, metrics_write=metrics_log.write)
     model.train()
-    meter = IntervalMeter(1, device)
     with StepProgress(console, total_steps, pos.step, world.is_main, label="finetune") as progress:
-        for epoch in range(pos.epoch, tr.epochs):
-            dataset.set_epoch(epoch)
-            start = pos.micro_step if epoch == pos.epoch else 0
-            batches.set_position(epoch, start)
-            loader = DataLoader(dataset, batch_sampler=_FirstN(batches, micro_per_epoch - start), **lkw)
-            meter.reset()
-            for micro, (x, y) in enumerate(loader, start=start):
-                meter.fetched()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                # Mixing and drop path draw from global generators: seed them per micro-step so a
-                # resumed run draws exactly what the uninterrupted run would have.
-                step_seed = derive_seed(tr.seed, "micro", world.rank, epoch, micro)
-                torch.manual_seed(step_seed)
-                if mix is not None:
-                    np_state = np.random.get_state()
-                    np.random.seed(step_seed % 2**32)
-                    x, y = mix(x, y)
-                    np.random.set_state(np_state)
-                last_micro = (micro + 1) % tr.accum_steps == 0
-                sync = contextlib.nullcontext() if (last_micro or not world.distributed) else net.no_sync()
-                with sync:
-                    with autocast(precision, device):
-                        logits = net(x)
-                    loss = loss_fn(logits.float(), y)
-                    scaler.scale(loss / tr.accum_steps).backward()
-                meter.add(loss.reshape(1), loss, x.shape[0] * world.size)
-                if not last_micro:
-                    meter.waiting()
-                    continue
-
-                current_lr = lr_at(pos.step, steps_per_epoch, lr, opt_s.min_lr, opt_s.warmup_epochs, tr.epochs)
-                grad_norm = optimizer_step(model, optimizer, scaler, current_lr, opt_s.clip_grad)
-                pos.step += 1
-                progress.advance()
-                at_epoch_end = micro + 1 == micro_per_epoch
-                pos.micro_step = micro + 1
-
-                if pos.step % tr.log_every == 0 or at_epoch_end:
-                    stop_if_diverged(meter.diverged(world), pos, ckpt_dir)
-                    interval = meter.read(world)
-                    record = {"epoch": epoch, "step": pos.step, "loss": interval.pop("losses")[0],
-                              "lr": current_lr, "grad_norm": float(grad_norm()), **interval}
-                    if world.is_main:
-                        metrics_log.write(record)
-                    progress.update(record)
-                    summary = record
-                    meter.reset()
-
-                if at_epoch_end:
-                    pos = Position(epoch + 1, 0, pos.step)
-                    last_epoch = epoch + 1 == tr.epochs
-                    if last_epoch or (tr.eval_every and (epoch + 1) % tr.eval_every == 0):
-                        run_validation(epoch)
-                due = (pos.step % tr.checkpoint_every == 0) if tr.checkpoint_every else at_epoch_end
-                if due or pos.step == total_steps:
-                    stop_if_diverged(meter.diverged(world), pos, ckpt_dir)
-                    save_checkpoint(pos)
-                meter.waiting()
-            distributed.barrier(world)
-    if world.is_main:
-        summary = {**summary, "run_dir": str(run_dir), "steps": pos.step, "epochs": tr.epochs,
-                   "classes": num_classes, "val": last_val, "best": best}
-    return summary
+        summary = run_loop(loop, pos, progress)
+    return {**summary, "run_dir": str(run_dir), "epochs": tr.epochs, "classes": num_classes,
+            "val": last_val, "best": best}
 
 
 class _FirstN:
@@ -478,16 +440,7 @@ def finetune_command(
              "optim.lr": lr, "optim.base_lr": base_lr, "optim.layer_decay": layer_decay,
              "model.drop_path": drop_path, "model.arch": arch, "model.img_size": img_size,
              "train.precision": precision, "train.device": device, "train.seed": seed, "data.workers": workers}
-    base = None
-    if resume:
-        if out is None:
-            raise UserError("--resume needs --out RUN_DIR, the run to continue")
-        saved = out / "settings.json"
-        if not saved.is_file():
-            raise UserError(f"--resume: {saved} is missing; is {out} a localmim finetune run directory?")
-        if preset:
-            raise UserError("--resume continues with the run's own settings; drop --preset")
-        base = (f"run:{saved}", json.loads(saved.read_text()))
+    base = runs.resumed_settings(out, preset) if resume else None
     resolved = resolve_settings(FinetuneSettings, preset, config, set_, flags, base)
     settings: FinetuneSettings = resolved.settings
     if settings.data.path is None:

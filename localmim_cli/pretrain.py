@@ -9,7 +9,6 @@ the device and are read once per logging interval.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,8 @@ from localmim_cli.layers import Resolved
 from localmim_cli.model import LocalMIM
 from localmim_cli.progress import StepProgress
 from localmim_cli.sampler import StepBatches
-from localmim_cli.schedule import lr_at
 from localmim_cli.settings import PretrainSettings
-from localmim_cli.training import (IntervalMeter, Position, autocast, optimizer_step, resolve_precision,
-                                   stop_if_diverged)
+from localmim_cli.training import Loop, Position, resolve_precision, run_loop
 
 # Settings a resume may change without breaking exact continuation.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
@@ -162,62 +159,31 @@ def _train(resolved: Resolved, run_dir: Path, resume: bool, console: Console,
                          {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
                          keep_last=tr.keep_last)
 
-    summary: dict[str, Any] = {}
-    meter = IntervalMeter(len(model.scales), device)
+    def epoch_batches(epoch: int, start: int):
+        batches.set_position(epoch, start)
+        epoch_sampler.limit = micro_per_epoch - start
+        return loader
+
+    def forward(batch: dict[str, torch.Tensor], epoch: int, micro: int):
+        images = batch["image"].to(device, non_blocking=True)
+        out = net(images, noise=batch["noise"].to(device, non_blocking=True))
+        return out.loss, out.losses, images.shape[0]
+
+    def loss_fields(losses: list[float]) -> dict[str, float]:
+        return {"loss": sum(losses), **{f"loss_scale{k}": v for k, v in enumerate(losses)}}
+
+    def on_epoch_end(position: Position) -> None:
+        if tr.visualize_every and position.epoch % tr.visualize_every == 0 and world.is_main:
+            _progress_figure(model, paths, run_dir, position.epoch, tr.seed)
+
+    loop = Loop(net=net, model=model, optimizer=optimizer, scaler=scaler, world=world, device=device,
+                precision=precision, train=tr, optim=opt_s, lr=lr, steps_per_epoch=steps_per_epoch,
+                n_losses=len(model.scales), ckpt_dir=ckpt_dir, epoch_batches=epoch_batches,
+                forward=forward, loss_fields=loss_fields, on_epoch_end=on_epoch_end,
+                save=save_checkpoint, metrics_write=metrics_log.write)
     with StepProgress(console, total_steps, pos.step, world.is_main) as progress:
-        for epoch in range(pos.epoch, tr.epochs):
-            start = pos.micro_step if epoch == pos.epoch else 0
-            batches.set_position(epoch, start)
-            epoch_sampler.limit = micro_per_epoch - start
-            meter.reset()
-            for micro, batch in enumerate(loader, start=start):
-                meter.fetched()
-                images_t = batch["image"].to(device, non_blocking=True)
-                noise = batch["noise"].to(device, non_blocking=True)
-                last_micro = (micro + 1) % tr.accum_steps == 0
-                sync = contextlib.nullcontext() if (last_micro or not world.distributed) else net.no_sync()
-                with sync:
-                    with autocast(precision, device):
-                        out = net(images_t, noise=noise)
-                    scaler.scale(out.loss / tr.accum_steps).backward()
-                meter.add(out.losses, out.loss, images_t.shape[0] * world.size)
-                if not last_micro:
-                    meter.waiting()
-                    continue
-
-                current_lr = lr_at(pos.step, steps_per_epoch, lr, opt_s.min_lr, opt_s.warmup_epochs, tr.epochs)
-                grad_norm = optimizer_step(model, optimizer, scaler, current_lr, opt_s.clip_grad)
-                pos.step += 1
-                progress.advance()
-                at_epoch_end = micro + 1 == micro_per_epoch
-                pos.micro_step = micro + 1
-
-                if pos.step % tr.log_every == 0 or at_epoch_end:
-                    stop_if_diverged(meter.diverged(world), pos, ckpt_dir)
-                    interval = meter.read(world)
-                    losses = interval.pop("losses")
-                    record = {"epoch": epoch, "step": pos.step, "loss": sum(losses),
-                              **{f"loss_scale{k}": v for k, v in enumerate(losses)},
-                              "lr": current_lr, "grad_norm": float(grad_norm()), **interval}
-                    if world.is_main:
-                        metrics_log.write(record)
-                    progress.update(record)
-                    summary = record
-                    meter.reset()
-
-                if at_epoch_end:
-                    pos = Position(epoch + 1, 0, pos.step)
-                    if tr.visualize_every and pos.epoch % tr.visualize_every == 0 and world.is_main:
-                        _progress_figure(model, paths, run_dir, pos.epoch, tr.seed)
-                due = (pos.step % tr.checkpoint_every == 0) if tr.checkpoint_every else at_epoch_end
-                if due or pos.step == total_steps:
-                    stop_if_diverged(meter.diverged(world), pos, ckpt_dir)
-                    save_checkpoint(pos)
-                meter.waiting()
-            distributed.barrier(world)
-    if world.is_main:
-        summary = {**summary, "run_dir": str(run_dir), "steps": pos.step, "epochs": tr.epochs}
-    return summary
+        summary = run_loop(loop, pos, progress)
+    return {**summary, "run_dir": str(run_dir), "epochs": tr.epochs}
 
 
 class _EpochBatches:

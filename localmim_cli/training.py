@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from localmim_cli import checkpoints, distributed
+from localmim_cli.schedule import lr_at
 
 
 class TrainingDiverged(RuntimeError):
@@ -116,3 +117,90 @@ def stop_if_diverged(bad: bool, pos: Position, ckpt_dir: Path) -> None:
         f"the loss became NaN or infinite by step {pos.step}; {kept}. Try a lower learning rate "
         "(optim.base_lr), gradient clipping (optim.clip_grad=1.0), more warmup, or "
         "train.precision=bf16 / fp32 instead of fp16; then --resume or start over.")
+
+
+@dataclass
+class Loop:
+    """The parts of a run the step loop drives; the two commands fill it differently.
+
+    epoch_batches(epoch, start_micro) -> the epoch's batches from micro-step `start_micro` on
+    forward(batch, epoch, micro) -> (loss, per-part losses (K,), images in this micro-batch);
+        runs under autocast; `loss` is what is minimised
+    loss_fields(losses: list of K floats) -> the loss entries of a metrics record
+    on_epoch_end(position) and save(position): hooks, called on every process
+    """
+
+    net: torch.nn.Module          # what forward calls (DDP-wrapped under torchrun)
+    model: torch.nn.Module        # the unwrapped module whose parameters are stepped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    world: distributed.World
+    device: torch.device
+    precision: str
+    train: Any                    # settings with epochs, accum_steps, log_every, checkpoint_every
+    optim: Any                    # settings with min_lr, warmup_epochs, clip_grad
+    lr: float                     # peak lr of the schedule
+    steps_per_epoch: int
+    n_losses: int
+    ckpt_dir: Path
+    epoch_batches: Any
+    forward: Any
+    loss_fields: Any
+    on_epoch_end: Any
+    save: Any
+    metrics_write: Any            # called with each record on the main process
+
+
+def run_loop(loop: Loop, pos: Position, progress) -> dict[str, Any]:
+    """Micro-steps with accumulation, the lr schedule, logging every log_every steps, and
+    checkpoints every checkpoint_every steps (or at each epoch's end) and at the last step."""
+    tr, world = loop.train, loop.world
+    micro_per_epoch = loop.steps_per_epoch * tr.accum_steps
+    total_steps = loop.steps_per_epoch * tr.epochs
+    meter = IntervalMeter(loop.n_losses, loop.device)
+    summary: dict[str, Any] = {}
+    for epoch in range(pos.epoch, tr.epochs):
+        start = pos.micro_step if epoch == pos.epoch else 0
+        meter.reset()
+        for micro, batch in enumerate(loop.epoch_batches(epoch, start), start=start):
+            meter.fetched()
+            last_micro = (micro + 1) % tr.accum_steps == 0
+            sync = contextlib.nullcontext() if (last_micro or not world.distributed) else loop.net.no_sync()
+            with sync:
+                with autocast(loop.precision, loop.device):
+                    loss, losses, n_images = loop.forward(batch, epoch, micro)
+                loop.scaler.scale(loss / tr.accum_steps).backward()
+            meter.add(losses, loss, n_images * world.size)
+            if not last_micro:
+                meter.waiting()
+                continue
+
+            opt = loop.optim
+            lr = lr_at(pos.step, loop.steps_per_epoch, loop.lr, opt.min_lr, opt.warmup_epochs, tr.epochs)
+            grad_norm = optimizer_step(loop.model, loop.optimizer, loop.scaler, lr, opt.clip_grad)
+            pos.step += 1
+            progress.advance()
+            at_epoch_end = micro + 1 == micro_per_epoch
+            pos.micro_step = micro + 1
+
+            if pos.step % tr.log_every == 0 or at_epoch_end:
+                stop_if_diverged(meter.diverged(world), pos, loop.ckpt_dir)
+                interval = meter.read(world)
+                record = {"epoch": epoch, "step": pos.step, **loop.loss_fields(interval.pop("losses")),
+                          "lr": lr, "grad_norm": float(grad_norm()), **interval}
+                if world.is_main:
+                    loop.metrics_write(record)
+                progress.update(record)
+                summary = record
+                meter.reset()
+
+            if at_epoch_end:
+                pos = Position(epoch + 1, 0, pos.step)
+                loop.on_epoch_end(pos)
+            due = (pos.step % tr.checkpoint_every == 0) if tr.checkpoint_every else at_epoch_end
+            if due or pos.step == total_steps:
+                stop_if_diverged(meter.diverged(world), pos, loop.ckpt_dir)
+                loop.save(pos)
+            meter.waiting()
+        distributed.barrier(world)
+    return {**summary, "steps": pos.step}

@@ -137,16 +137,7 @@ def pretrain(
              "train.precision": precision, "train.device": device, "train.seed": seed,
              "data.workers": workers, "model.encoder.name": encoder, "model.target.name": target,
              "data.skip_unreadable": skip_unreadable}
-    base = None
-    if resume:
-        if out is None:
-            raise UserError("--resume needs --out RUN_DIR, the run to continue")
-        saved = out / "settings.json"
-        if not saved.is_file():
-            raise UserError(f"--resume: {saved} is missing; is {out} a localmim run directory?")
-        if preset:
-            raise UserError("--resume continues with the run's own settings; drop --preset")
-        base = (f"run:{saved}", json.loads(saved.read_text()))
+    base = runs.resumed_settings(out, preset) if resume else None
     resolved = resolve_settings(PretrainSettings, preset, config, set_, flags, base)
     settings = resolved.settings
     run_dir = out or runs.default_run_dir(preset or "pretrain")

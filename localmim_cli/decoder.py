@@ -18,6 +18,7 @@ from torch import nn
 
 from localmim_cli.encoders.base import TapOutput
 from localmim_cli.pos_embed import sincos_2d
+from localmim_cli.weight_init import xavier_linears_unit_norms
 
 
 def prediction_head(width: int, scale: float, out_dim: int, eps: float = 1e-6) -> nn.Sequential:
@@ -76,14 +77,7 @@ class LocalDecoder(nn.Module):
     def _init_weights(self) -> None:
         # Published: mask token N(0, .02), xavier linears, unit norms; convolutions keep PyTorch's init.
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_linears_unit_norms(self)
 
     def forward(self, tap: TapOutput) -> torch.Tensor:
         x = self.embed(tap.tokens)  # (B, P + n_vis, D)

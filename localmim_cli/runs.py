@@ -104,3 +104,15 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+
+
+def resumed_settings(out: Path | None, preset: str | None) -> tuple[str, dict[str, Any]]:
+    """The settings layer a --resume starts from: the run's own settings.json, in place of a preset."""
+    if out is None:
+        raise RunDirError("--resume needs --out RUN_DIR, the run to continue")
+    saved = out / "settings.json"
+    if not saved.is_file():
+        raise RunDirError(f"--resume: {saved} is missing; is {out} a localmim run directory?")
+    if preset:
+        raise RunDirError("--resume continues with the run's own settings; drop --preset")
+    return f"run:{saved}", json.loads(saved.read_text())

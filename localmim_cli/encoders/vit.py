@@ -19,6 +19,7 @@ from torch import nn
 from localmim_cli.encoders.base import ENCODER_API_VERSION, MaskedEncoder, TapInfo, TapOutput
 from localmim_cli.plugin_api import EncoderPlugin
 from localmim_cli.pos_embed import sincos_2d
+from localmim_cli.weight_init import xavier_linears_unit_norms
 
 # Published sizes (width, depth, heads); the patch size is a separate option.
 VIT_ARCHS: dict[str, tuple[int, int, int]] = {
@@ -112,14 +113,7 @@ class MaskedViT(MaskedEncoder):
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_linears_unit_norms(self)
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         # (B, 3, H, W) -> (B, L, C) with positions added

@@ -295,12 +295,13 @@ def build_rows(model: "LocalMIM", results: list[ImageResult], target_name: str):
         row = [Panel(img.pixels, ["input", img.path.name], "input"),
                Panel(masked_view(img.pixels, result.mask, grid, unit_px),
                      ["masked input", f"{hidden} of {len(result.mask)} patches hidden"], "masked")]
+        tap_unit = getattr(model.encoder, "tap_unit", "layer")
         for k, s in enumerate(result.scales):
             glyph = s.cell_px * glyph_scale
             target_px, ok_t = _draw(model.target, s.target, s.cell_px, img.tensor, glyph)
             pred_px, ok_p = _draw(model.target, s.pred, s.cell_px, img.tensor, glyph)
             drawable &= ok_t and ok_p
-            row.append(Panel(target_px, [f"scale {k + 1} target", f"layer {s.layer}, {s.cell_px} px cells"],
+            row.append(Panel(target_px, [f"scale {k + 1} target", f"{tap_unit} {s.layer}, {s.cell_px} px cells"],
                              f"scale{k}.target"))
             row.append(Panel(pred_px, [f"scale {k + 1} prediction", f"loss {s.loss:.4f}"], f"scale{k}.prediction"))
             if pixel_like and pred_px.shape == img.pixels.shape:
@@ -345,6 +346,7 @@ def write_figure(model: "LocalMIM", images: list["PreparedImage"], masks: "torch
         "mask_grid": list(model.encoder.unit_grid),
         "cells_px": list(model.cells_px),
         "tap_layers": list(model.encoder.tap_layers),
+        "tap_unit": getattr(model.encoder, "tap_unit", "layer"),
         "scales": list(model.scales),
         "notes": notes,
         "layout": {**layout.as_dict(), "panels": [p.name for p in rows[0]]},

@@ -127,6 +127,8 @@ def test_visualize_draws_each_example_run(runs, tmp_path):
         assert pixels.shape[0] > 100 and pixels.shape[1] > 500 and pixels.std() > 10
     hiera = json.loads((tmp_path / "hiera.json").read_text())
     assert hiera["unit_px"] == 32 and hiera["mask_grid"] == [2, 2]
+    assert hiera["tap_unit"] == "stage"  # Hiera's taps are stage numbers, and the figure says so
+    assert json.loads((tmp_path / "fourier.json").read_text())["tap_unit"] == "layer"
     assert "drawn by its plugin" in " ".join(json.loads((tmp_path / "fourier.json").read_text())["notes"])
 
 

@@ -47,6 +47,7 @@ class MaskedEncoder(nn.Module):
     unit_grid:  (rows, cols) of mask units for the configured image size
     taps:       TapInfo for each tapped layer, lowest first
     tap_layers: the (1-indexed) layer numbers tapped, for display and checkpoints
+    tap_unit:   what those numbers count, for display ("layer"; a hierarchical encoder: "stage")
 
     What localmim relies on beyond the signatures (docs/plugins.md; `localmim_cli.conformance`
     checks each): a tap's grid is the image side over its stride, and the stride and unit_px
@@ -58,6 +59,7 @@ class MaskedEncoder(nn.Module):
     unit_grid: tuple[int, int]
     taps: list[TapInfo]
     tap_layers: list[int]
+    tap_unit: str = "layer"
 
     def forward_taps(self, images: torch.Tensor, ids_keep: torch.Tensor,
                      ids_restore: torch.Tensor) -> list[TapOutput]:

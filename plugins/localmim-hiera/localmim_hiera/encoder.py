@@ -119,6 +119,8 @@ def create_trunk(options: HieraOptions, img_size: int) -> Hiera:
 
 
 class MaskedHiera(MaskedEncoder):
+    tap_unit = "stage"  # tap numbers count Hiera's stages, not blocks
+
     def __init__(self, options: HieraOptions, img_size: int, tap_layers: list[int] | None = None):
         super().__init__()
         self.options = options

@@ -186,19 +186,6 @@ def run(settings: "FinetuneSettings", run_dir: Path, resume: bool, console: "Con
         distributed.shutdown(world)
 
 
-def check_resume_compatible(saved: dict[str, Any], current: "FinetuneSettings") -> None:
-    from localmim_cli.pretrain import flatten
-    before = flatten(saved)
-    now = flatten(current.model_dump(mode="json"))
-    changed = [k for k in sorted(set(before) | set(now))
-               if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
-    if changed:
-        diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise ValueError(f"--resume would change settings the run was started with ({diffs}); "
-                         "start a new run instead, or change only "
-                         f"{', '.join(sorted(RESUMABLE_CHANGES))}")
-
-
 def _train(settings: "FinetuneSettings", run_dir: Path, resume: bool, console: "Console", world,
            device: "torch.device", settings_record: dict[str, Any],
            weights: "EncoderWeights | None") -> dict[str, Any]:
@@ -215,7 +202,7 @@ def _train(settings: "FinetuneSettings", run_dir: Path, resume: bool, console: "
     from localmim_cli.published import CheckpointError
     from localmim_cli.sampler import StepBatches
     from localmim_cli.seeding import derive_seed
-    from localmim_cli.training import Loop, Position, resolve_precision, run_loop
+    from localmim_cli.training import Loop, Position, check_resume_compatible, resolve_precision, run_loop
 
     tr, opt_s, d = settings.train, settings.optim, settings.data
     precision = resolve_precision(tr.precision, device)
@@ -232,7 +219,7 @@ def _train(settings: "FinetuneSettings", run_dir: Path, resume: bool, console: "
     num_classes = len(split.classes)
 
     if ckpt is not None:
-        check_resume_compatible(ckpt.meta["settings"], settings)
+        check_resume_compatible(ckpt.meta["settings"], settings.model_dump(mode="json"), RESUMABLE_CHANGES)
         shape = ViTShape(**ckpt.meta["timm"]["shape"])
         weights = None
         init_record = ckpt.meta.get("init")

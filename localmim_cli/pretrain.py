@@ -25,7 +25,7 @@ from localmim_cli.model import LocalMIM
 from localmim_cli.progress import StepProgress
 from localmim_cli.sampler import StepBatches
 from localmim_cli.settings import PretrainSettings
-from localmim_cli.training import Loop, Position, resolve_precision, run_loop
+from localmim_cli.training import Loop, Position, check_resume_compatible, resolve_precision, run_loop
 
 # Settings a resume may change without breaking exact continuation.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
@@ -43,28 +43,6 @@ def param_groups(model: LocalMIM, weight_decay: float) -> list[dict[str, Any]]:
             continue
         (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "options":
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_resume_compatible(saved: dict[str, Any], current: PretrainSettings) -> None:
-    before = flatten(saved)
-    now = flatten(current.model_dump(mode="json"))
-    changed = [k for k in sorted(set(before) | set(now))
-               if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
-    if changed:
-        diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise ValueError(f"--resume would change settings the run was started with ({diffs}); "
-                         "start a new run instead, or change only "
-                         f"{', '.join(sorted(RESUMABLE_CHANGES))}")
 
 
 def run(resolved: Resolved, run_dir: Path, resume: bool, console: Console) -> dict[str, Any]:
@@ -115,7 +93,7 @@ def _train(resolved: Resolved, run_dir: Path, resume: bool, console: Console,
     pos = Position()
     if resume:
         ckpt = checkpoints.load(ckpt_dir)
-        check_resume_compatible(ckpt.meta["settings"], settings)
+        check_resume_compatible(ckpt.meta["settings"], settings.model_dump(mode="json"), RESUMABLE_CHANGES)
         model.load_state_dict(ckpt.model_state())
         training = ckpt.training_state()
         optimizer.load_state_dict(training["optimizer"])

@@ -108,6 +108,27 @@ class IntervalMeter:
         return {"losses": losses, "images_per_s": self.images / elapsed, "data_wait": self.data_wait / elapsed}
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as {"a.b.c": value}; plugin `options` stay whole, as one value."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "options":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], allowed: set[str]) -> None:
+    """Refuse a resume that would change the recipe: only the `allowed` settings may differ."""
+    before, now = flatten(saved), flatten(current)
+    changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in allowed]
+    if changed:
+        diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(f"--resume would change settings the run was started with ({diffs}); "
+                         f"start a new run instead, or change only {', '.join(sorted(allowed))}")
+
+
 def stop_if_diverged(bad: bool, pos: Position, ckpt_dir: Path) -> None:
     if not bad:
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,30 @@ def photo_folder(tmp_path_factory) -> Path:
         img.thumbnail((160, 160))
         img.save(sub / f"{src.stem}.{'jpg' if i % 2 else 'png'}")
     return root
+
+
+def to_authors_layout(state: dict) -> dict:
+    """Our LocalMIM state dict in the published key layout (published.to_our_keys, inverted),
+    with the fixed Sobel weights the published files carry, one per decoder."""
+    import torch
+
+    out = {}
+    for key, value in state.items():
+        if key == "target.sobel_bias":
+            for k, pair in enumerate(value):
+                out[f"hog_enc.{k}.conv.bias"] = pair.clone()
+            continue
+        if m := re.fullmatch(r"encoder\.tap_norms\.(\d+)\.(.*)", key):
+            new = f"norm.{m.group(1)}.{m.group(2)}"
+        elif m := re.fullmatch(r"encoder\.(cls_token|pos_embed|patch_embed\..*|blocks\..*)", key):
+            new = m.group(1)
+        elif m := re.fullmatch(r"decoders\.(\d+)\.(.*)", key):
+            new = f"decoder.{m.group(1)}.{m.group(2)}"
+        else:
+            raise AssertionError(f"no published name for {key}")
+        out[new] = value.clone()
+    sobel_x = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+    n_decoders = len({k.split(".")[1] for k in out if k.startswith("decoder.")})
+    for k in range(n_decoders):
+        out[f"hog_enc.{k}.conv.weight"] = torch.stack([sobel_x, sobel_x.t()]).unsqueeze(1)
+    return out

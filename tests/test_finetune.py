@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_cli, to_authors_layout
 from localmim_cli import checkpoints
 from localmim_cli.data import make_labelled_sample_set
 from localmim_cli.sample_photos import sample_photo_paths
@@ -109,24 +108,6 @@ def tiny_pretrain_run(tmp_path_factory) -> Path:
     return shared(tmp_path_factory, "pretrain", build) / "run"
 
 
-def to_authors_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our LocalMIM state dict in the published key layout (published.to_our_keys, inverted)."""
-    out = {}
-    for key, value in state.items():
-        if key == "target.sobel_bias":
-            for k, pair in enumerate(value):
-                out[f"hog_enc.{k}.conv.bias"] = pair.clone()
-            continue
-        if m := re.fullmatch(r"encoder\.tap_norms\.(\d+)\.(.*)", key):
-            new = f"norm.{m.group(1)}.{m.group(2)}"
-        elif m := re.fullmatch(r"encoder\.(.*)", key):
-            new = m.group(1)
-        elif m := re.fullmatch(r"decoders\.(\d+)\.(.*)", key):
-            new = f"decoder.{m.group(1)}.{m.group(2)}"
-        else:
-            raise AssertionError(f"no published name for {key}")
-        out[new] = value.clone()
-    return out
 
 
 def published_pth(tmp_path_factory) -> Path:

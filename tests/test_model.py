@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 
+from conftest import to_authors_layout
 from localmim_cli import registry
 from localmim_cli.build import build_model
 from localmim_cli.masking import masking_from_noise
@@ -207,27 +208,6 @@ def test_lowest_tap_loss_reaches_only_the_blocks_below_it():
 # ------------------------------------------------------------------------------ published .pth
 
 
-def to_authors_layout(model) -> dict[str, torch.Tensor]:
-    """Our state dict in the published LocalMIM key layout (the inverse of published.to_our_keys)."""
-    state = {}
-    for key, value in model.state_dict().items():
-        if key == "target.sobel_bias":
-            for k, pair in enumerate(value):
-                state[f"hog_enc.{k}.conv.bias"] = pair.clone()
-            continue
-        if m := re.fullmatch(r"encoder\.tap_norms\.(\d+)\.(.*)", key):
-            new = f"norm.{m.group(1)}.{m.group(2)}"
-        elif m := re.fullmatch(r"encoder\.(cls_token|pos_embed|patch_embed\..*|blocks\..*)", key):
-            new = m.group(1)
-        elif m := re.fullmatch(r"decoders\.(\d+)\.(.*)", key):
-            new = f"decoder.{m.group(1)}.{m.group(2)}"
-        else:
-            raise AssertionError(f"no published name for {key}")
-        state[new] = value.clone()
-    sobel_x = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
-    for k in range(len(model.decoders)):
-        state[f"hog_enc.{k}.conv.weight"] = torch.stack([sobel_x, sobel_x.t()]).unsqueeze(1)
-    return state
 
 
 # Published name "MIM_vit_small_patch16" implies 6 heads; decoder heads are read as width // 32.
@@ -241,7 +221,7 @@ def test_published_pth_round_trip(tmp_path, bias):
     args = argparse.Namespace(model="MIM_vit_small_patch16", hog_nbins=9, hog_bias=bias,
                               ID=[0, 1, 2, 3], mask_ratio=0.75, input_size=IMG, lr=1.5e-4,
                               batch_size=8, norm_pix_loss=False, output_dir="./out", seed=0)
-    torch.save({"model": to_authors_layout(model), "args": args, "epoch": 3}, path)
+    torch.save({"model": to_authors_layout(model.state_dict()), "args": args, "epoch": 3}, path)
 
     state, read_args = read_published(path)
     assert read_args["model"] == "MIM_vit_small_patch16" and read_args["ID"] == [0, 1, 2, 3]
@@ -273,7 +253,7 @@ def test_published_pth_round_trip(tmp_path, bias):
 
 def test_published_state_with_wrong_keys_is_reported(tmp_path):
     model = small_model(**PUB)
-    state = to_authors_layout(model)
+    state = to_authors_layout(model.state_dict())
     del state["norm.1.weight"]
     state["head.weight"] = torch.zeros(3)
     report = load_published_into(model, state)

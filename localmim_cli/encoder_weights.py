@@ -105,9 +105,20 @@ class EncoderWeights:
                 "mtime_ns": st.st_mtime_ns if st else None, "kind": self.kind, "pooling": self.pooling}
 
     def describe(self) -> str:
+        if self.encoder_name != "vit":
+            return f"{self.kind} checkpoint {self.source}: {self.encoder_name!r} encoder plugin, " \
+                   f"{self.shape.img_size or self.meta['settings']['model']['img_size']} px"
         guessed = ("; the file does not say how many attention heads, so "
                    f"{self.shape.num_heads} was assumed" if self.meta.get("heads_guessed") else "")
         return f"{self.kind} checkpoint {self.source}: {self.shape.describe()}{guessed}"
+
+    @property
+    def has_head(self) -> bool:
+        """A fine-tuned model's classifier is in the weights (a ViT's head.*, or any model built
+        via an encoder plugin's to_timm(): fine-tuned checkpoints always keep their head)."""
+        if not self.classes:
+            return False
+        return "head.weight" in self.state or (self.kind == "finetune" and self.encoder_name != "vit")
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
         """Only what a new fine-tuning model takes over: no norm after the blocks, no head."""
@@ -193,6 +204,12 @@ def _keep_last_tap_norm(encoder: dict[str, torch.Tensor], taps: list[int], depth
 
 def _from_finetune(source: Path, ckpt) -> EncoderWeights:
     timm_meta = ckpt.meta.get("timm") or {}
+    plugin = timm_meta.get("plugin")
+    if plugin:   # built via an encoder plugin's to_timm(): no ViT shape, the image size only
+        return EncoderWeights("finetune", source, ViTShape(int(plugin["img_size"]), 0, 0, 0, 0), ckpt.model_state(),
+                              "pool_then_norm", classes=list(ckpt.meta.get("classes") or []),
+                              run_dir=run_dir_of(ckpt.path), model_file=ckpt.model_file, meta=ckpt.meta,
+                              encoder_name=plugin["encoder"]["name"])
     try:
         shape = ViTShape(**timm_meta["shape"])
     except Exception as exc:
@@ -380,6 +397,10 @@ def reference_feature_model(weights: EncoderWeights, img_size: int | None = None
     """
     if weights.kind == "pretrain":
         return _PretrainFeatures(weights, img_size).eval()
+    from localmim_cli import plugin_timm
+    if plugin_timm.is_plugin_checkpoint(weights):
+        _native_size_only(weights, img_size)
+        return _TimmFeatures(plugin_timm.finetuned_from_weights(weights, 0)).eval()
     require_vit(weights, "feature extraction")
     size = img_size or weights.shape.img_size
     model = create_vit(dataclasses.replace(weights.shape, img_size=size), num_classes=0,
@@ -388,6 +409,26 @@ def reference_feature_model(weights: EncoderWeights, img_size: int | None = None
              if not k.startswith("head.")}
     _load_strict(model, state, weights.source)
     return _TimmFeatures(model).eval()
+
+
+def _native_size_only(weights: EncoderWeights, img_size: int | None) -> None:
+    if img_size and img_size != weights.shape.img_size:
+        raise ValueError(f"img_size {img_size}: a model built by the {weights.encoder_name!r} encoder plugin "
+                         f"runs at its own size {weights.shape.img_size}; leave img_size unset")
+
+
+def classifier_model(weights: EncoderWeights, img_size: int) -> torch.nn.Module:
+    """A fine-tuned checkpoint's whole model (head included) at img_size, for scoring."""
+    from localmim_cli import plugin_timm
+    if plugin_timm.is_plugin_checkpoint(weights):
+        _native_size_only(weights, img_size)
+        return plugin_timm.finetuned_from_weights(weights)
+    shape = dataclasses.replace(weights.shape, img_size=img_size)
+    model = create_vit(shape, num_classes=len(weights.classes or []), pooling=weights.pooling)
+    result = model.load_state_dict(fit_positions(weights.state, weights.shape, img_size), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{weights.source}: weights do not fit its own model description")
+    return model
 
 
 def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:

@@ -35,7 +35,7 @@ def native_img_size(weights: "EncoderWeights") -> int:
 
 
 def has_head(weights: "EncoderWeights") -> bool:
-    return "head.weight" in weights.state and bool(weights.classes)
+    return weights.has_head
 
 
 def choose_protocol(requested: str, weights: "EncoderWeights") -> str:
@@ -102,9 +102,7 @@ def run_evaluation(checkpoint: Path, data: Path, settings: "EvaluateSettings", c
     console.print(f"{weights.describe()}; protocol {protocol} on {device} ({precision})")
 
     if protocol == "classifier":
-        import dataclasses
-
-        from localmim_cli.encoder_weights import create_vit, fit_positions
+        from localmim_cli.encoder_weights import classifier_model
         from localmim_cli.features import extract
         from localmim_cli.probes import per_class_report, topk_accuracy
         samples, what = classifier_split(weights, data, settings)
@@ -112,12 +110,7 @@ def run_evaluation(checkpoint: Path, data: Path, settings: "EvaluateSettings", c
             raise ValueError(f"{data}: no images to evaluate on ({what})")
         console.print(f"scoring {len(samples)} images: {what}")
         classes = list(weights.classes or [])
-        shape = dataclasses.replace(weights.shape, img_size=img_size)
-        model = create_vit(shape, num_classes=len(classes), pooling=weights.pooling)
-        result = model.load_state_dict(fit_positions(weights.state, weights.shape, img_size), strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            from localmim_cli.published import CheckpointError
-            raise CheckpointError(f"{weights.source}: weights do not fit its own model description")
+        model = classifier_model(weights, img_size)
         logits, labels = extract(model, samples, img_size, settings.crop_fraction, settings.batch_size,
                                  settings.workers, device, precision)
         results.update(topk_accuracy(logits, labels), evaluated_on=what, images=len(samples), classes=classes)

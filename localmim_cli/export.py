@@ -113,32 +113,27 @@ def export_encoder(checkpoint: Path, out: Path, *, with_head: bool = False, over
     from safetensors.torch import save_file
 
     from localmim_cli import atomic
-    from localmim_cli.encoder_weights import (create_vit, load_encoder_weights, reference_feature_model,
-                                              require_vit, timm_model_args)
+    from localmim_cli import plugin_timm
+    from localmim_cli.encoder_weights import load_encoder_weights, reference_feature_model, require_vit
 
     weights = load_encoder_weights(checkpoint)
-    require_vit(weights, "export")
+    plugin = plugin_timm.is_plugin_checkpoint(weights)
+    if not plugin:
+        require_vit(weights, "export")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-    has_head = "head.weight" in weights.state and bool(weights.classes)
+    has_head = weights.has_head
     if with_head and not has_head:
         raise ExportError(f"--with-head: {weights.source} is a {weights.kind} checkpoint without a "
                           "classifier head; export the encoder alone")
     num_classes = len(weights.classes) if with_head else 0
     shape = weights.shape
-    arch = shape.arch
-    if weights.kind == "finetune":
-        arch = (weights.meta.get("timm") or {}).get("architecture") or arch
-    model_args = timm_model_args(shape, weights.pooling, num_classes)
-    model = create_vit(shape, num_classes=num_classes, pooling=weights.pooling, arch=arch).eval()
-    state = {k: v for k, v in weights.state.items() if with_head or not k.startswith("head.")}
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ExportError(f"{weights.source}: weights do not fit {shape.describe()}: missing "
-                          f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
+    build = _plugin_model if plugin else _vit_model
+    model, arch, model_args, config, description = build(weights, num_classes, with_head)
 
-    probe = torch.randn(probe_batch, 3, shape.img_size, shape.img_size,
+    size = config["pretrained_cfg"]["input_size"][-1]
+    probe = torch.randn(probe_batch, 3, size, size,
                         generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         reference = reference_feature_model(weights)(probe)
@@ -151,7 +146,6 @@ def export_encoder(checkpoint: Path, out: Path, *, with_head: bool = False, over
     try:
         save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = config_for(weights, arch, model_args, num_classes)
         atomic.write_json(tmp / "config.json", config)
         diffs = reload_checks(tmp, arch, model_args, probe, reference, reference_logits)
         worst = max(diffs.values())
@@ -167,7 +161,51 @@ def export_encoder(checkpoint: Path, out: Path, *, with_head: bool = False, over
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "architecture": arch, "model_args": model_args, "max_abs_diff": worst,
-            "diffs": diffs, "source_kind": weights.kind, "shape": shape, "num_classes": num_classes}
+            "diffs": diffs, "source_kind": weights.kind, "shape": shape, "num_classes": num_classes,
+            "description": description}
+
+
+def _vit_model(weights, num_classes: int, with_head: bool):
+    """(model with the weights, arch, model_args, config.json, description) of a ViT checkpoint."""
+    from localmim_cli.encoder_weights import create_vit, timm_model_args
+
+    shape = weights.shape
+    arch = shape.arch
+    if weights.kind == "finetune":
+        arch = (weights.meta.get("timm") or {}).get("architecture") or arch
+    model_args = timm_model_args(shape, weights.pooling, num_classes)
+    model = create_vit(shape, num_classes=num_classes, pooling=weights.pooling, arch=arch).eval()
+    state = {k: v for k, v in weights.state.items() if with_head or not k.startswith("head.")}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ExportError(f"{weights.source}: weights do not fit {shape.describe()}: missing "
+                          f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
+    return model, arch, model_args, config_for(weights, arch, model_args, num_classes), shape.describe()
+
+
+def _plugin_model(weights, num_classes: int, with_head: bool):
+    """The same for a checkpoint of an encoder plugin: the timm model its to_timm() gives."""
+    from localmim_cli import plugin_timm
+
+    record = plugin_timm.plugin_record(weights)
+    name = record["encoder"]["name"]
+    if weights.kind == "pretrain":
+        model = plugin_timm.pretrained_timm(weights)
+    else:
+        model = plugin_timm.finetuned_from_weights(weights, num_classes)
+    arch, args = plugin_timm.timm_identity(model, name)
+    model_args = {**args, "num_classes": num_classes}
+    config = config_for(weights, arch, model_args, num_classes)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    config["num_features"] = int(model.num_features)
+    size = record["img_size"]
+    config["pretrained_cfg"].update(input_size=[3, size, size], first_conv=cfg.get("first_conv"), classifier=cfg.get("classifier", "head"))
+    ours = config["localmim"]
+    del ours["shape"]
+    ours.update(encoder_plugin=record, via=plugin_timm.VIA,
+                features=f"the {name!r} encoder plugin's forward_features (its to_timm() model's pre-logits)"
+                         if weights.kind == "pretrain" else _FEATURES["pool_then_norm"])
+    return model.eval(), arch, model_args, config, plugin_timm.describe(record, arch)
 
 
 def load_call(report: dict[str, Any]) -> str:
@@ -194,9 +232,8 @@ def export_command(
     from localmim_cli.cli import console
 
     report = export_encoder(checkpoint, out, with_head=with_head, overwrite=overwrite)
-    shape = report["shape"]
     console.print(f"exported {report['source_kind']} checkpoint {checkpoint} -> {report['out']}")
-    console.print(f"  {shape.describe()}; {report['num_classes'] or 'no'} classes")
+    console.print(f"  {report['description']}; {report['num_classes'] or 'no'} classes")
     console.print(f"  reloaded through timm: max abs feature difference {report['max_abs_diff']:.3g} "
                   f"(< {TOLERANCE:g})")
     console.print("  load it with:", highlight=False)

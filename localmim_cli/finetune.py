@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from localmim_cli.encoder_weights import EncoderWeights, ViTShape
+    from localmim_cli.plugin_timm import PluginShape
     from localmim_cli.settings import FinetuneSettings
 
 # Settings a resume may change without breaking exact continuation.
@@ -34,11 +35,15 @@ RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every"
 # Model
 
 
-def model_shape(settings: "FinetuneSettings", weights: "EncoderWeights | None") -> "ViTShape":
-    """The ViT to fine-tune: the checkpoint's, checked against model.arch, at model.img_size."""
+def model_shape(settings: "FinetuneSettings", weights: "EncoderWeights | None") -> "ViTShape | PluginShape":
+    """The ViT to fine-tune: the checkpoint's, checked against model.arch, at model.img_size.
+    A checkpoint of another encoder plugin: its to_timm() model (a PluginShape)."""
+    from localmim_cli import plugin_timm
     from localmim_cli.encoder_weights import arch_shape, check_arch, require_vit
 
     m = settings.model
+    if weights is not None and plugin_timm.is_plugin_checkpoint(weights):
+        return plugin_timm.plugin_shape(weights, m.arch, m.img_size)
     if weights is None:
         if not m.arch:
             raise ValueError("finetune needs --init CHECKPOINT (or model.arch to train from scratch)")
@@ -54,15 +59,18 @@ def model_shape(settings: "FinetuneSettings", weights: "EncoderWeights | None") 
     return shape
 
 
-def build_classifier(shape: "ViTShape", num_classes: int, settings: "FinetuneSettings",
+def build_classifier(shape: "ViTShape | PluginShape", num_classes: int, settings: "FinetuneSettings",
                      weights: "EncoderWeights | None") -> "torch.nn.Module":
     """The fine-tuning model with the encoder's weights in and a fresh fc_norm and head."""
     import torch
     from timm.layers import trunc_normal_
 
     from localmim_cli.encoder_weights import create_vit, fit_positions
+    from localmim_cli.plugin_timm import PluginShape, init_classifier
     from localmim_cli.published import CheckpointError
 
+    if isinstance(shape, PluginShape):
+        return init_classifier(shape, weights, num_classes, settings.model.head_init_std)
     model = create_vit(shape, num_classes=num_classes, pooling="pool_then_norm",
                        drop_path=settings.model.drop_path, arch=settings.model.arch)
     if weights is not None:
@@ -84,8 +92,8 @@ def layer_decay_groups(model: "torch.nn.Module", weight_decay: float, layer_deca
     """timm's layer-wise groups: patch_embed/cls/pos = layer 0, block i = i + 1, norms and head
     = L + 1 (scale 1); no decay on 1-D parameters, pos_embed and cls_token (MAE's choice)."""
     from timm.optim import param_groups_layer_decay
-    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=model.no_weight_decay(),
-                                    layer_decay=layer_decay)
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +206,7 @@ def _train(settings: "FinetuneSettings", run_dir: Path, resume: bool, console: "
     from localmim_cli.data import DataError, draft_size_for, fingerprint
     from localmim_cli.encoder_weights import ViTShape, load_encoder_weights, timm_model_args
     from localmim_cli.features import AugmentedSamples, labelled_split, loader_kwargs, split_record
+    from localmim_cli.plugin_timm import PluginShape, shape_from_record
     from localmim_cli.progress import StepProgress
     from localmim_cli.published import CheckpointError
     from localmim_cli.sampler import StepBatches
@@ -220,7 +229,8 @@ def _train(settings: "FinetuneSettings", run_dir: Path, resume: bool, console: "
 
     if ckpt is not None:
         check_resume_compatible(ckpt.meta["settings"], settings.model_dump(mode="json"), RESUMABLE_CHANGES)
-        shape = ViTShape(**ckpt.meta["timm"]["shape"])
+        timm_meta = ckpt.meta["timm"]
+        shape = shape_from_record(timm_meta) if timm_meta.get("plugin") else ViTShape(**timm_meta["shape"])
         weights = None
         init_record = ckpt.meta.get("init")
     else:
@@ -268,9 +278,12 @@ def _train(settings: "FinetuneSettings", run_dir: Path, resume: bool, console: "
             metrics_log.truncate_after(pos.step)
         say(f"resuming from {ckpt.path.name}: epoch {pos.epoch}, step {pos.step}")
 
-    arch = settings.model.arch or shape.arch
-    timm_record = {"architecture": arch, "model_args": timm_model_args(shape, "pool_then_norm", num_classes),
-                   "shape": dataclasses.asdict(shape)}
+    if isinstance(shape, PluginShape):
+        timm_record = shape.timm_record(num_classes)
+    else:
+        arch = settings.model.arch or shape.arch
+        timm_record = {"architecture": arch, "model_args": timm_model_args(shape, "pool_then_norm", num_classes),
+                       "shape": dataclasses.asdict(shape)}
     if world.is_main:
         atomic.write_json(run_dir / "classes.json", split.classes)
         runs.write_manifest(run_dir, runs.manifest(world, device, tr.seed, {

@@ -159,3 +159,77 @@ def test_hiera_demo_preset_builds_and_trains_a_step():
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------ finetune / export via to_timm
+
+NO_TIMM_ENCODER = """
+from localmim_cli.encoders.vit import plugin as vit
+from localmim_cli.plugin_api import EncoderPlugin
+
+# The built-in ViT under another name: an encoder plugin that keeps MaskedEncoder's to_timm() default.
+plugin = EncoderPlugin(name="notimm", api_version=1, options=vit.options, build=vit.build)
+"""
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    from localmim_cli.data import make_labelled_sample_set
+    return make_labelled_sample_set(tmp_path_factory.mktemp("labelled") / "train", n_per_class=4, size=64, seed=0)
+
+
+def test_hiera_run_finetunes_via_to_timm_and_evaluates(runs, labelled, tmp_path):
+    out = tmp_path / "ft"
+    result = run_cli("finetune", labelled, "--init", runs["hiera"], "--preset", "ft-small", "--epochs", 1,
+                     "--batch-size", 8, "--workers", 0, "--device", "cpu", "--precision", "fp32",
+                     "--val-fraction", 0.25, "--out", out)
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    assert "'hiera' encoder plugin via to_timm() (timm hiera_tiny_224), 64 px" in result.stdout
+    meta = json.loads(next((out / "checkpoints").glob("step-*/meta.json")).read_text())
+    assert meta["kind"] == "finetune" and meta["timm"]["plugin"]["via"] == "to_timm"
+    assert meta["timm"]["plugin"]["encoder"]["name"] == "hiera" and meta["timm"]["architecture"] == "hiera_tiny_224"
+    scored = run_cli("evaluate", out, labelled, "--protocol", "classifier", "--device", "cpu",
+                     "--out", tmp_path / "eval.json")
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    top1 = json.loads((tmp_path / "eval.json").read_text())["top1"]
+    assert 0 <= top1 <= 100
+
+
+def test_hiera_pretrain_run_exports_to_timm(runs, tmp_path):
+    import timm
+    import torch
+
+    from localmim_cli.encoder_weights import load_encoder_weights, reference_feature_model
+
+    out = tmp_path / "export"
+    result = run_cli("export", runs["hiera"], "--out", out)
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "hiera_tiny_224" and config["localmim"]["via"] == "to_timm"
+    model = timm.create_model(config["architecture"], pretrained=True, pretrained_cfg_overlay=dict(
+        file=str(out / "model.safetensors"), num_classes=0), **config["model_args"]).eval()
+    ours = reference_feature_model(load_encoder_weights(runs["hiera"])).eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = model.forward_head(model.forward_features(images), pre_logits=True)
+        torch.testing.assert_close(theirs, ours(images), atol=1e-4, rtol=0)
+
+
+def test_finetune_refuses_an_encoder_plugin_without_to_timm(labelled, tmp_path):
+    from test_plugins import install_fake
+
+    site = tmp_path / "site"
+    site.mkdir()
+    install_fake(site, "no-timm", "no_timm", NO_TIMM_ENCODER, {"localmim.encoders": {"notimm": "plugin"}})
+    env = cli_env(PYTHONPATH=str(site))
+    (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    pre = run_cli("pretrain", "--config", tmp_path / "tiny.toml", "--encoder", "notimm", "--epochs", 1,
+                  "--out", tmp_path / "pre", env=env)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    result = run_cli("finetune", labelled, "--init", tmp_path / "pre", "--workers", 0, "--device", "cpu",
+                     "--out", tmp_path / "ft", env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "encoder plugin 'notimm' does not implement to_timm()" in result.stderr + result.stdout
+    assert "finetune" in result.stderr + result.stdout
+    assert not (tmp_path / "ft").exists()

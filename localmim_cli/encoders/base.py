@@ -73,6 +73,8 @@ class MaskedEncoder(nn.Module):
     def to_timm(self) -> nn.Module:
         """Optional: this encoder as a timm model (no classifier) holding these weights, such that
         `m.forward_head(m.forward_features(x), pre_logits=True)` equals `self.forward_features(x)`.
-        Encoders without a timm counterpart leave it unimplemented (NotImplementedError).
+        Encoders without a timm counterpart leave it unimplemented (NotImplementedError); finetune
+        and export need it. For export, the model also says how timm rebuilds it:
+        `pretrained_cfg["architecture"]` and a `model_args` attribute (create_model kwargs).
         """
         raise NotImplementedError

@@ -198,11 +198,20 @@ class MaskedHiera(MaskedEncoder):
     def to_timm(self) -> Hiera:
         """A timm Hiera (num_classes=0) holding these weights; its pre-logits equal forward_features."""
         model = create_trunk(self.options, self.img_size)
-        if self.tap_layers[-1] < len(model.stage_ends):
+        pruned = self.tap_layers[-1] < len(model.stage_ends)
+        if pruned:
             model.prune_intermediate_layers([t - 1 for t in self.tap_layers], prune_head=True, coarse=True)
         model.reset_classifier(0, reset_other=True)  # as the trunk: no head norm yet
         model.load_state_dict(self.trunk.state_dict())
         model.head.norm = copy.deepcopy(self.tap_norms[-1])  # pool, then this norm: timm's head order
+        if not pruned:
+            # How timm rebuilds it (localmim export): a named Hiera with these sizes. A pruned
+            # trunk (top stages untapped) has no create_model equivalent and says nothing.
+            model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}),
+                                    "architecture": self.options.arch or "hiera_tiny_224"}
+            model.model_args = {"img_size": [self.img_size, self.img_size],
+                                **{k: list(v) if isinstance(v, tuple) else v
+                                   for k, v in self.options.timm_kwargs().items()}}
         return model.eval()
 
 

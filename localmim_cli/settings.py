@@ -8,9 +8,20 @@ the plugin is known, so a third-party encoder's options are checked as strictly 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+def _crop_range(value: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = value
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {value}")
+    return value
+
+
+# RandomResizedCrop's range of crop areas, as a share of the image.
+CropScale = Annotated[tuple[float, float], AfterValidator(_crop_range)]
 
 
 class Strict(BaseModel):
@@ -44,19 +55,12 @@ class ModelSettings(Strict):
 
 class DataSettings(Strict):
     path: Path | None = Field(None, description="image folder (recursive); empty = built-in sample photos")
-    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop area range")
+    crop_scale: CropScale = Field((0.2, 1.0), description="RandomResizedCrop area range")
     hflip: bool = Field(True, description="random horizontal flip")
     workers: int = Field(2, ge=0, description="loader processes per device")
     skip_unreadable: bool = Field(False, description="skip files that fail to decode (counted in the log) "
                                                      "instead of stopping")
     repeats: int = Field(1, ge=1, description="passes over the folder per epoch (small folders)")
-
-    @model_validator(mode="after")
-    def _crop_range(self) -> "DataSettings":
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
-        return self
 
 
 class OptimSettings(Strict):
@@ -113,7 +117,7 @@ class FinetuneDataSettings(Strict):
                                                              "when no val_path is given (0 = none)")
     workers: int = Field(2, ge=0, description="loader processes per device")
     repeats: int = Field(1, ge=1, description="passes over the training images per epoch (small folders)")
-    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range")
+    crop_scale: CropScale = Field((0.08, 1.0), description="RandomResizedCrop area range")
     hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
     auto_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm RandAugment policy; "
                                                                         "empty = none")
@@ -125,13 +129,6 @@ class FinetuneDataSettings(Strict):
     recount: int = Field(1, ge=1, description="random erasing boxes per image")
     eval_crop_fraction: float = Field(0.875, gt=0, le=1, description="eval: resize the short side to "
                                       "img_size / this, then centre crop (224/256 as published)")
-
-    @model_validator(mode="after")
-    def _crop_range(self) -> "FinetuneDataSettings":
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
-        return self
 
 
 class MixupSettings(Strict):

@@ -196,7 +196,26 @@ def test_diverging_run_stops_with_advice_and_keeps_last_good_checkpoint(tmp_path
 
 # --- many processes ------------------------------------------------------------------------------
 
+def _outside_the_keys_bias(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every weight but the key third of each qkv bias.
+
+    Softmax ignores a constant added to every key, so the key bias gets a gradient that is pure
+    rounding noise; AdamW divides that noise by its own tiny running scale and takes full-size
+    steps of random sign. No two summation orders (one process vs two) can agree there, and the
+    loss does not depend on it, so it is left out of the comparison.
+    """
+    out = {}
+    for key, value in state.items():
+        if key.endswith("attn.qkv.bias"):
+            q, _, v = value.chunk(3)
+            out[key] = torch.cat([q, v])
+        else:
+            out[key] = value
+    return out
+
+
 def test_two_process_torchrun_matches_one_process(tmp_path, tiny_config):
+    """Same effective batch: every step's loss and the final weights agree with one process."""
     one = tmp_path / "one"
     r = run_cli("pretrain", "--config", tiny_config, "--out", one, "--set", "train.batch_size=4",
                 "--set", "train.epochs=1")
@@ -210,9 +229,12 @@ def test_two_process_torchrun_matches_one_process(tmp_path, tiny_config):
     assert r.returncode == 0, r.stdout + r.stderr
     manifest = json.loads((two / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["effective_batch"] == 4
-    a, b = final_weights(one), final_weights(two)
+    la, lb = metrics(one), metrics(two)
+    assert [m["step"] for m in la] == [m["step"] for m in lb] and len(la) > 1
+    for ma, mb in zip(la, lb):   # log_every = 1: the loss of every step, each scale too
+        for key in [k for k in ma if k.startswith("loss")]:
+            assert mb[key] == pytest.approx(ma[key], rel=1e-4, abs=1e-6), (ma["step"], key)
+    a, b = _outside_the_keys_bias(final_weights(one)), _outside_the_keys_bias(final_weights(two))
+    assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
-    la, lb = metrics(one), metrics(two)
-    assert [m["step"] for m in la] == [m["step"] for m in lb]
-    assert abs(la[0]["loss"] - lb[0]["loss"]) < 1e-4

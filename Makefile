@@ -6,16 +6,19 @@ BIN    := $(VENV)/bin
 # torch/torchvision pinned to a pair whose wheels timm imports cleanly with.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lock clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml $(wildcard plugins/*/pyproject.toml)
+# constraints.txt pins every dependency to the versions the suite passed on (`make lock` refreshes it).
+PIP    = $(BIN)/pip install -q --disable-pip-version-check -c constraints.txt
+
+$(VENV)/.installed: pyproject.toml constraints.txt $(wildcard plugins/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
+	$(PIP) $(TORCH)
+	$(PIP) -e ".[test]"
 	@for p in plugins/*/; do if [ -f $$p/pyproject.toml ]; then \
-		$(BIN)/pip install -q --disable-pip-version-check -e $$p || exit 1; fi; done
+		$(PIP) -e $$p || exit 1; fi; done
 	touch $@
 
 demo: setup
@@ -24,6 +27,18 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Newest versions pyproject.toml allows, in a scratch venv, frozen into constraints.txt.
+# Run `make test` afterwards: commit the new constraints only if the suite passes on them.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --disable-pip-version-check $(TORCH)
+	.venv-lock/bin/pip install -q --disable-pip-version-check -e ".[test]"
+	@for p in plugins/*/; do .venv-lock/bin/pip install -q --disable-pip-version-check -e $$p || exit 1; done
+	( echo "# Versions the test suite passed on; \`make setup\` installs with these as constraints."; \
+	  echo "# Refresh with \`make lock\` (see README, Development)."; \
+	  .venv-lock/bin/pip freeze --exclude-editable ) > constraints.txt
+	rm -rf .venv-lock .venv/.installed
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

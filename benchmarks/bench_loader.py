@@ -13,11 +13,11 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from localmim_cli.build import build_model
-from localmim_cli.data import pretrain_dataset
-from localmim_cli.layers import resolve
-from localmim_cli.presets_catalog import load_preset
-from localmim_cli.settings import PretrainSettings
+from localmim_cli.model.build import build_model
+from localmim_cli.data.images import pretrain_dataset
+from localmim_cli.config.layers import resolve
+from localmim_cli.config.presets import load_preset
+from localmim_cli.config.schema import PretrainSettings
 
 
 def main() -> None:

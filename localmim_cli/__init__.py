@@ -1,3 +1,5 @@
 """localmim: LocalMIM (CVPR 2023) pretraining of vision backbones from the command line."""
 
-__version__ = "0.1.0"
+from localmim_cli.version import __version__
+
+__all__ = ["__version__"]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from localmim_cli import atomic
+from localmim_cli.engine import atomic
 
 
 def test_written_file_has_umask_permissions(tmp_path):

@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from localmim_cli.build import build_model
-from localmim_cli.published import load_published_into, read_published
-from localmim_cli.settings import DecoderSettings, ModelSettings, PluginChoice
+from localmim_cli.model.build import build_model
+from localmim_cli.weights.published import load_published_into, read_published
+from localmim_cli.config.schema import DecoderSettings, ModelSettings, PluginChoice
 from localmim_cli.targets.hog import HOGOptions, HOGTarget
 
 HOG_ATOL = 1e-6       # HOG targets and masks, absolute

@@ -15,28 +15,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from localmim_cli.data import (
-    IMAGE_SUFFIXES,
-    DataError,
-    LabelledImages,
-    PretrainImages,
-    center_crop_transform,
-    check_readable,
-    decode,
-    find_classes,
-    find_images,
-    fingerprint,
-    generator_for,
-    load_rgb,
-    make_labelled_sample_set,
-    pretrain_dataset,
-    random_resized_crop_params,
-    resolve_image_paths,
-    split_indices,
-    to_tensor,
-)
-from localmim_cli.sample_photos import SAMPLE_PHOTOS, SAMPLE_PHOTOS_CREDIT, sample_photo_paths
-from localmim_cli.settings import DataSettings
+from localmim_cli.data.images import IMAGE_SUFFIXES, LabelledImages, PretrainImages, center_crop_transform, check_readable, decode, find_classes, find_images, fingerprint, generator_for, load_rgb, make_labelled_sample_set, pretrain_dataset, random_resized_crop_params, resolve_image_paths, split_indices, to_tensor
+from localmim_cli.errors import DataError
+from localmim_cli.data.sample_photos import SAMPLE_PHOTOS, SAMPLE_PHOTOS_CREDIT, sample_photo_paths
+from localmim_cli.config.schema import DataSettings
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -186,7 +168,7 @@ def test_16bit_images_are_scaled_not_clipped(tmp_path, photos, suffix):
 
 def test_32bit_integer_and_float_images(photos):
     gray = np.asarray(next(iter(photos.values())).convert("L")).astype(np.int32)
-    from localmim_cli.data import to_rgb
+    from localmim_cli.data.images import to_rgb
 
     assert np.array_equal(np.asarray(to_rgb(Image.fromarray(gray * 257)))[:, :, 0], gray)
     stretched = np.asarray(to_rgb(Image.fromarray(gray * 100000)))[:, :, 0]  # beyond 16 bits

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from localmim_cli import checkpoints
-from localmim_cli.data import make_labelled_sample_set
-from localmim_cli.probes import knn_scores, mean_ci95, per_class_report, topk_accuracy
-from localmim_cli.settings import KnnSettings, PretrainSettings
+from localmim_cli.engine import checkpoints
+from localmim_cli.data.images import make_labelled_sample_set
+from localmim_cli.tasks.probes import knn_scores, mean_ci95, per_class_report, topk_accuracy
+from localmim_cli.config.schema import KnnSettings, PretrainSettings
 from test_finetune import invoke, one_thread, published_pth, shared  # noqa: F401  (one_thread: autouse)
 
 SHORT_PRETRAIN = {
@@ -50,8 +50,8 @@ def short_pretrain(tmp_path_factory) -> tuple[Path, Path]:
     data = small_crops(tmp_path_factory)
 
     def build(root: Path) -> None:
-        from localmim_cli.build import build_model
-        from localmim_cli.features import EvalSamples, read_labelled
+        from localmim_cli.model.build import build_model
+        from localmim_cli.tasks.features import EvalSamples, read_labelled
 
         settings = PretrainSettings.model_validate(SHORT_PRETRAIN)
         torch.manual_seed(0)

@@ -9,8 +9,8 @@ from pathlib import Path
 import timm
 import torch
 
-from localmim_cli import checkpoints
-from localmim_cli.features import EvalSamples, read_labelled
+from localmim_cli.engine import checkpoints
+from localmim_cli.tasks.features import EvalSamples, read_labelled
 from test_finetune import (CLASSES, invoke, one_thread, photo_sets, published_pth,  # noqa: F401
                            run_main, tiny_pretrain_run)
 
@@ -30,8 +30,8 @@ def timm_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def our_encoder_features(run: Path, x: torch.Tensor) -> torch.Tensor:
     """MaskedEncoder.forward_features of a pretrain run, built from its own settings."""
-    from localmim_cli.build import build_model
-    from localmim_cli.settings import ModelSettings
+    from localmim_cli.model.build import build_model
+    from localmim_cli.config.schema import ModelSettings
 
     ckpt = checkpoints.load(run)
     model = build_model(ModelSettings.model_validate(ckpt.meta["settings"]["model"]))
@@ -77,8 +77,8 @@ def test_pretrain_run_exports_to_timm_with_our_features(tmp_path_factory, tmp_pa
 
 
 def test_published_checkpoint_exports_like_our_encoder(tmp_path_factory, tmp_path):
-    from localmim_cli.build import build_model
-    from localmim_cli.published import load_published_into, read_published, settings_from_published
+    from localmim_cli.model.build import build_model
+    from localmim_cli.weights.published import load_published_into, read_published, settings_from_published
 
     pth = published_pth(tmp_path_factory)
     out = tmp_path / "encoder"
@@ -95,7 +95,7 @@ def test_published_checkpoint_exports_like_our_encoder(tmp_path_factory, tmp_pat
 
 
 def test_finetune_run_exports_with_and_without_head(tmp_path_factory, tmp_path):
-    from localmim_cli.encoder_weights import ViTShape, create_vit
+    from localmim_cli.weights.sources import ViTShape, create_vit
 
     train, _ = photo_sets(tmp_path_factory)
     run = tmp_path / "ft"
@@ -121,7 +121,7 @@ def test_finetune_run_exports_with_and_without_head(tmp_path_factory, tmp_path):
 
 def test_export_refuses_a_full_folder_and_an_export_that_does_not_verify(tmp_path_factory, tmp_path, capsys,
                                                                          monkeypatch):
-    from localmim_cli import export
+    from localmim_cli.tasks import export
 
     run = tiny_pretrain_run(tmp_path_factory)
     full = tmp_path / "full"
@@ -138,7 +138,7 @@ def test_export_refuses_a_full_folder_and_an_export_that_does_not_verify(tmp_pat
 
 
 def test_exported_encoder_initialises_finetuning(tmp_path_factory, tmp_path):
-    from localmim_cli.encoder_weights import load_encoder_weights
+    from localmim_cli.weights.sources import load_encoder_weights
 
     run = tiny_pretrain_run(tmp_path_factory)
     out = tmp_path / "encoder"

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli, to_authors_layout
-from localmim_cli import checkpoints
-from localmim_cli.data import make_labelled_sample_set
-from localmim_cli.sample_photos import sample_photo_paths
+from localmim_cli.engine import checkpoints
+from localmim_cli.data.images import make_labelled_sample_set
+from localmim_cli.data.sample_photos import sample_photo_paths
 
 CLASSES = sorted(p.stem for p in sample_photo_paths())
 
@@ -82,7 +82,7 @@ def invoke(*args) -> str:
     """The CLI in this process (no interpreter start-up); fails the test on a non-zero exit."""
     from typer.testing import CliRunner
 
-    from localmim_cli.cli import app
+    from localmim_cli.cli.app import app
     result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output
@@ -132,8 +132,8 @@ def val_lines(run: Path) -> list[dict]:
 def test_finetune_cli_learns_the_photo_classes(tmp_path_factory, tmp_path):
     from rich.console import Console
 
-    from localmim_cli.evaluate import run_evaluation
-    from localmim_cli.settings import EvaluateSettings
+    from localmim_cli.tasks.evaluate import run_evaluation
+    from localmim_cli.config.schema import EvaluateSettings
 
     train, heldout = photo_sets(tmp_path_factory)
     init = tiny_pretrain_run(tmp_path_factory)
@@ -200,9 +200,9 @@ def test_resume_continues_exactly(tmp_path_factory, tmp_path):
 
 
 def test_published_checkpoint_initialises_finetuning(tmp_path_factory, tmp_path):
-    from localmim_cli.encoder_weights import load_encoder_weights
-    from localmim_cli.finetune import build_classifier, model_shape
-    from localmim_cli.settings import FinetuneSettings
+    from localmim_cli.weights.sources import load_encoder_weights
+    from localmim_cli.tasks.finetune import build_classifier, model_shape
+    from localmim_cli.config.schema import FinetuneSettings
 
     pth = published_pth(tmp_path_factory)
     train, _ = photo_sets(tmp_path_factory)
@@ -232,9 +232,9 @@ def test_published_checkpoint_initialises_finetuning(tmp_path_factory, tmp_path)
 
 
 def run_main(capsys, *args) -> tuple[int, str]:
-    """The console-script entry point (`localmim_cli.cli.main`, which maps user errors to exit 2)
+    """The console-script entry point (`localmim_cli.cli.app.main`, which maps user errors to exit 2)
     in this process: (exit status, stderr)."""
-    from localmim_cli.cli import main
+    from localmim_cli.cli.app import main
     capsys.readouterr()
     argv = sys.argv
     sys.argv = ["localmim", *map(str, args)]
@@ -297,9 +297,9 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path_factory, tmp_path, capsys):
 def test_published_finetune_presets_hold_the_published_numbers(name, arch, lr, min_lr, layer_decay, drop_path,
                                                                epochs, warmup):
     """Method digest section 2.2: effective batch 1024 on 8 GPUs, the absolute lr at that batch."""
-    from localmim_cli.layers import resolve
-    from localmim_cli.presets_catalog import effective_batch, load_preset, scaled_lr
-    from localmim_cli.settings import FinetuneSettings
+    from localmim_cli.config.layers import resolve
+    from localmim_cli.config.presets import effective_batch, load_preset, scaled_lr
+    from localmim_cli.config.schema import FinetuneSettings
 
     info, values = load_preset(name)
     assert info.kind == "finetune" and info.world_size == 8

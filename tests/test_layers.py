@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from localmim_cli import registry
-from localmim_cli.layers import (SettingsError, default_flag_name, dump_toml, parse_value,
-                                 resolve)
-from localmim_cli.settings import PretrainSettings
+from localmim_cli.plugins import registry
+from localmim_cli.config.layers import default_flag_name, dump_toml, parse_value, resolve
+from localmim_cli.errors import SettingsError
+from localmim_cli.config.schema import PretrainSettings
 
 try:
     import tomllib

@@ -12,16 +12,12 @@ import pytest
 import torch
 
 from conftest import to_authors_layout
-from localmim_cli import registry
-from localmim_cli.build import build_model
-from localmim_cli.masking import masking_from_noise
-from localmim_cli.published import (
-    CheckpointError,
-    load_published_into,
-    read_published,
-    settings_from_published,
-)
-from localmim_cli.settings import DecoderSettings, ModelSettings, PluginChoice
+from localmim_cli.plugins import registry
+from localmim_cli.model.build import build_model
+from localmim_cli.model.masking import masking_from_noise
+from localmim_cli.weights.published import load_published_into, read_published, settings_from_published
+from localmim_cli.errors import CheckpointError
+from localmim_cli.config.schema import DecoderSettings, ModelSettings, PluginChoice
 
 IMG, PATCH, DIM, DEPTH, HEADS = 32, 8, 32, 4, 2  # 4x4 patch grid
 

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_TOML, cli_env, run_cli
-from localmim_cli.conformance import check_encoder, check_target
-from localmim_cli.sample_photos import sample_photo_paths
+from localmim_cli.plugins.testing import check_encoder, check_target
+from localmim_cli.data.sample_photos import sample_photo_paths
 
 EXAMPLES = {"localmim-hiera": "plugins/localmim-hiera", "localmim-fourier": "plugins/localmim-fourier"}
 
@@ -144,10 +144,10 @@ def test_hiera_demo_preset_builds_and_trains_a_step():
     """The preset `localmim pretrain --preset hiera-demo` runs (end to end in CI: too slow here)."""
     import torch
 
-    from localmim_cli.build import build_model
-    from localmim_cli.layers import resolve
-    from localmim_cli.presets_catalog import load_preset
-    from localmim_cli.settings import PretrainSettings
+    from localmim_cli.model.build import build_model
+    from localmim_cli.config.layers import resolve
+    from localmim_cli.config.presets import load_preset
+    from localmim_cli.config.schema import PretrainSettings
 
     info, values = load_preset("hiera-demo")
     settings = resolve(PretrainSettings, preset=values, preset_name=info.name, environ={}).settings
@@ -165,7 +165,7 @@ def test_hiera_demo_preset_builds_and_trains_a_step():
 
 NO_TIMM_ENCODER = """
 from localmim_cli.encoders.vit import plugin as vit
-from localmim_cli.plugin_api import EncoderPlugin
+from localmim_cli.plugins.api import EncoderPlugin
 
 # The built-in ViT under another name: an encoder plugin that keeps MaskedEncoder's to_timm() default.
 plugin = EncoderPlugin(name="notimm", api_version=1, options=vit.options, build=vit.build)
@@ -174,7 +174,7 @@ plugin = EncoderPlugin(name="notimm", api_version=1, options=vit.options, build=
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> Path:
-    from localmim_cli.data import make_labelled_sample_set
+    from localmim_cli.data.images import make_labelled_sample_set
     return make_labelled_sample_set(tmp_path_factory.mktemp("labelled") / "train", n_per_class=4, size=64, seed=0)
 
 
@@ -199,7 +199,7 @@ def test_hiera_pretrain_run_exports_to_timm(runs, tmp_path):
     import timm
     import torch
 
-    from localmim_cli.encoder_weights import load_encoder_weights, reference_feature_model
+    from localmim_cli.weights.sources import load_encoder_weights, reference_feature_model
 
     out = tmp_path / "export"
     result = run_cli("export", runs["hiera"], "--out", out)

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from conftest import cli_env, run_cli
-from localmim_cli import registry
+from localmim_cli.plugins import registry
 
 HEADER = """
 from pydantic import BaseModel, ConfigDict
 import torch
-from localmim_cli.plugin_api import EncoderPlugin, TargetPlugin
+from localmim_cli.plugins.api import EncoderPlugin, TargetPlugin
 from localmim_cli.targets.base import ReconstructionTarget
 from localmim_cli.targets.hog import plugin as hog
 
@@ -73,7 +73,7 @@ EXPECTED_ERRORS = {  # name -> what `plugins list` must say about it
     "future": ["future-backbone", "broken", "written for encoder interface version 2; this localmim speaks "
                "version 1"],
     "notaplugin": ["wrong-object", "broken", "wrong_object:plugin is a dict, not a "
-                   "localmim_cli.plugin_api.TargetPlugin"],
+                   "localmim_cli.plugins.api.TargetPlugin"],
     "twin": ["twin-a", "twin-b", "broken", "name 'twin' is claimed by more than one plugin"],
 }
 

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from localmim_cli.build import build_model
+from localmim_cli.model.build import build_model
 from localmim_cli.encoders.vit import default_vit_taps
-from localmim_cli.layers import resolve
-from localmim_cli.presets_catalog import (PresetError, PresetInfo, effective_batch, list_presets,
-                                          load_preset, scaled_lr, scaling_line)
-from localmim_cli.settings import PretrainSettings
+from localmim_cli.config.layers import resolve
+from localmim_cli.config.presets import PresetInfo, effective_batch, list_presets, load_preset, scaled_lr, scaling_line
+from localmim_cli.errors import PresetError
+from localmim_cli.config.schema import PretrainSettings
 
 SHIPPED = {"demo", "vit-s16-hog", "vit-b16-hog-1600ep", "vit-b16-hog-100ep", "vit-b16-hog-1gpu",
            "vit-l16-hog-800ep"}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import cli_env, run_cli
-from localmim_cli import checkpoints
+from localmim_cli.engine import checkpoints
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

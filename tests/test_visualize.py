@@ -22,17 +22,18 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import run_cli
-from localmim_cli import checkpoints
-from localmim_cli.build import build_model
-from localmim_cli.figure import paste_visible, unit_mask_to_pixels
-from localmim_cli.masking import keep_count
-from localmim_cli.sample_photos import sample_photo_paths
+from localmim_cli.errors import CheckpointError, UsageError
+from localmim_cli.engine import checkpoints
+from localmim_cli.model.build import build_model
+from localmim_cli.tasks.figure import paste_visible, unit_mask_to_pixels
+from localmim_cli.model.masking import keep_count
+from localmim_cli.data.sample_photos import sample_photo_paths
 from localmim_cli.seeding import derive_seed
-from localmim_cli.settings import DecoderSettings, ModelSettings, PluginChoice, PretrainSettings
+from localmim_cli.config.schema import DecoderSettings, ModelSettings, PluginChoice, PretrainSettings
 from localmim_cli.targets.hog import HOGOptions, HOGTarget
 from localmim_cli.targets.pixel import PixelOptions, PixelTarget
-from localmim_cli.vis_images import prepare_image
-from localmim_cli.visualize import (load_for_visualize, read_mask_file, seeded_masks,
+from localmim_cli.data.prepared import prepare_image
+from localmim_cli.tasks.visualize import (load_for_visualize, read_mask_file, seeded_masks,
                                     write_progress_figure)
 
 IMG = 64
@@ -268,7 +269,7 @@ def test_seeded_masks_are_fixed_and_follow_the_ratio():
     assert not torch.equal(a[0], a[1])  # each image its own mask
     assert not torch.equal(a, seeded_masks(1, 3, 196, 0.75))
     assert (seeded_masks(0, 2, 196, 0.5).sum(1) == 98).all()
-    with pytest.raises(ValueError, match="mask-ratio"):
+    with pytest.raises(UsageError, match="mask-ratio"):
         seeded_masks(0, 1, 16, 1.5)
 
 
@@ -287,7 +288,7 @@ def test_mask_file_is_validated(tmp_path):
         (good, 1, 0.5, "hides 8"),
     ]:
         np.save(tmp_path / "bad.npy", content)
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(UsageError, match=match):
             read_mask_file(tmp_path / "bad.npy", n, 16, ratio)
 
 
@@ -446,12 +447,12 @@ def test_load_for_visualize_accepts_every_checkpoint_form(runs, tmp_path):
     finetuned = {k: v for k, v in published.items() if not k.startswith(("decoder.", "norm."))}
     torch.save({"model": {**finetuned, "head.weight": torch.zeros(10, 64), "head.bias": torch.zeros(10)}},
                tmp_path / "finetuned.pth")
-    with pytest.raises(ValueError, match="classification model.*decoders"):
+    with pytest.raises(CheckpointError, match="classification model.*decoders"):
         load_for_visualize(tmp_path / "finetuned.pth")
     (tmp_path / "export").mkdir()
     save_file({k: v.contiguous() for k, v in finetuned.items()}, str(tmp_path / "export" / "model.safetensors"))
     (tmp_path / "export" / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="only encoder weights.*decoders"):
+    with pytest.raises(CheckpointError, match="only encoder weights.*decoders"):
         load_for_visualize(tmp_path / "export")
 
 

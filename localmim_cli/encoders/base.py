@@ -49,7 +49,7 @@ class MaskedEncoder(nn.Module):
     tap_layers: the (1-indexed) layer numbers tapped, for display and checkpoints
     tap_unit:   what those numbers count, for display ("layer"; a hierarchical encoder: "stage")
 
-    What localmim relies on beyond the signatures (docs/plugins.md; `localmim_cli.conformance`
+    What localmim relies on beyond the signatures (docs/plugins.md; `localmim_cli.plugins.testing`
     checks each): a tap's grid is the image side over its stride, and the stride and unit_px
     divide one another; hidden units' pixels must not reach any tap; every trainable parameter
     gets a gradient from forward_taps (DistributedDataParallel needs it).

@@ -17,9 +17,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from localmim_cli.encoders.base import ENCODER_API_VERSION, MaskedEncoder, TapInfo, TapOutput
-from localmim_cli.plugin_api import EncoderPlugin
-from localmim_cli.pos_embed import sincos_2d
-from localmim_cli.weight_init import xavier_linears_unit_norms
+from localmim_cli.plugins.api import EncoderPlugin
+from localmim_cli.model.positions import sincos_2d
+from localmim_cli.model.init import xavier_linears_unit_norms
 
 # Published sizes (width, depth, heads); the patch size is a separate option.
 VIT_ARCHS: dict[str, tuple[int, int, int]] = {

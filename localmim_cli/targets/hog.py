@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from localmim_cli.plugin_api import TargetPlugin
+from localmim_cli.plugins.api import TargetPlugin
 from localmim_cli.targets.base import TARGET_API_VERSION, ReconstructionTarget
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from localmim_cli.plugin_api import TargetPlugin
+from localmim_cli.plugins.api import TargetPlugin
 from localmim_cli.targets.base import TARGET_API_VERSION, ReconstructionTarget
 
 PIXEL_NORM_EPS = 1e-6
@@ -60,7 +60,7 @@ class PixelTarget(ReconstructionTarget):
         """
         import numpy as np
 
-        from localmim_cli.vis_images import to_uint8
+        from localmim_cli.data.prepared import to_uint8
 
         x = torch.as_tensor(cells).detach().cpu().double()
         if x.ndim != 3 or x.shape[-1] != 3 * cell_px * cell_px:

@@ -5,7 +5,7 @@
     localmim pretrain --preset demo --target fourier
 """
 
-from localmim_cli.plugin_api import TargetPlugin
+from localmim_cli.plugins.api import TargetPlugin
 from localmim_cli.targets.base import TARGET_API_VERSION
 
 from localmim_fourier.target import FourierAmplitudeTarget, FourierOptions

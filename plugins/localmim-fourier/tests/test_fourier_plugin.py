@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from localmim_cli.conformance import check_target
+from localmim_cli.plugins.testing import check_target
 from localmim_fourier import FourierAmplitudeTarget, FourierOptions, plugin
 
 

@@ -5,7 +5,7 @@
 """
 
 from localmim_cli.encoders.base import ENCODER_API_VERSION
-from localmim_cli.plugin_api import EncoderPlugin
+from localmim_cli.plugins.api import EncoderPlugin
 
 from localmim_hiera.encoder import HieraOptions, MaskedHiera, build_hiera
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from localmim_cli.conformance import check_encoder
-from localmim_cli.masking import masking_from_noise
+from localmim_cli.plugins.testing import check_encoder
+from localmim_cli.model.masking import masking_from_noise
 from localmim_hiera import HieraOptions, MaskedHiera, plugin
 
 

@@ -1,0 +1,33 @@
+"""`localmim config show`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from localmim_cli.cli.options import ConfigOpt, PresetOpt, SetOpt
+from localmim_cli.cli.output import console, print_settings
+
+app = typer.Typer(help="Show the settings a command would run with, and where each came from.",
+                  no_args_is_help=True)
+
+
+@app.command("show")
+def show(
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    command: Annotated[str, typer.Option(help="Which command's settings: pretrain, finetune, evaluate")] = "pretrain",
+    resolved_only: Annotated[bool, typer.Option("--resolved", help="Print only the resolved values as JSON.")] = False,
+) -> None:
+    """Print every setting with its value and the layer that set it (default, preset, file, env, flag)."""
+    from localmim_cli.config.resolve import resolve_settings
+    from localmim_cli.config.schema import schema_for
+
+    resolved = resolve_settings(schema_for(command, "--command"), preset, config, set_)
+    if resolved_only:
+        console.print_json(json.dumps(resolved.settings.model_dump(mode="json")))
+    else:
+        print_settings(resolved)

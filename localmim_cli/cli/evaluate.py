@@ -1,0 +1,62 @@
+"""`localmim evaluate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from localmim_cli.cli.output import console
+
+
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(
+        help="A finetune or pretrain run directory, a localmim checkpoint, a published LocalMIM/MAE "
+             "ViT .pth/.safetensors, or an exported encoder folder.", show_default=False)],
+    data: Annotated[Path, typer.Argument(
+        help="Folder with one subfolder of images per class (ImageFolder layout).", show_default=False)],
+    protocol: Annotated[Optional[str], typer.Option(
+        help="classifier (a fine-tuned model's head), knn, linear, fewshot; default: classifier for "
+             "fine-tuned models, knn otherwise")] = None,
+    val: Annotated[Optional[Path], typer.Option(
+        "--val", help="Separate validation folder with the same class subfolders.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(
+        help="Share of each class of DATA held out as validation for the probes (val_fraction).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Results JSON. Default: <run dir>/eval/<protocol>.json, or "
+                            "./eval/<protocol>.json for a checkpoint outside a run.")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="knn.k, neighbours that vote")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="knn.temperature")] = None,
+    way: Annotated[Optional[int], typer.Option(help="fewshot.way, classes per episode")] = None,
+    shot: Annotated[Optional[list[int]], typer.Option(help="fewshot.shots (repeatable)")] = None,
+    episodes: Annotated[Optional[int], typer.Option(help="fewshot.episodes")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="batch_size for feature extraction")] = None,
+    img_size: Annotated[Optional[int], typer.Option(help="img_size (default: the checkpoint's)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="device: auto, cpu, cuda, cuda:N")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="precision: auto, bf16, fp16, fp32")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="loader processes")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed of the split, the sweep and the episodes")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute features; write no cache.")] = False,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="Settings file (.toml or .json) for the evaluation.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", "-s", help="Override any setting: --set linear.epochs=50 (repeatable).")] = None,
+) -> None:
+    """Score a checkpoint on a labelled folder: its classifier, or k-NN / linear / few-shot probes.
+
+    Probe features (a pretrained encoder: patch tokens after all blocks, through the last tap
+    norm, averaged; a fine-tuned model: its pooled, normed pre-logits) are cached between
+    protocols, keyed by checkpoint, images and preprocessing.
+    """
+    from localmim_cli.config.resolve import resolve_settings
+    from localmim_cli.config.schema import EvaluateSettings
+    from localmim_cli.tasks.evaluate import print_results, run_evaluation
+
+    flags = {"protocol": protocol, "val_path": str(val) if val else None, "val_fraction": val_fraction,
+             "knn.k": k, "knn.temperature": temperature, "fewshot.way": way, "fewshot.shots": shot or None,
+             "fewshot.episodes": episodes, "batch_size": batch_size, "img_size": img_size, "device": device,
+             "precision": precision, "workers": workers, "seed": seed, "cache": False if no_cache else None}
+    resolved = resolve_settings(EvaluateSettings, None, config, set_, flags)
+    results, path = run_evaluation(checkpoint, data, resolved.settings, console, out)
+    print_results(results, path, console)

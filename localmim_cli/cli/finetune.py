@@ -1,0 +1,85 @@
+"""`localmim finetune`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from localmim_cli.cli.options import (AccumOpt, BaseLrOpt, BatchOpt, ConfigOpt, DeviceOpt, EpochsOpt, OutOpt,
+                                      OverwriteOpt, PrecisionOpt, PresetOpt, ResumeOpt, SeedOpt, SetOpt,
+                                      WorkersOpt)
+from localmim_cli.cli.output import console, print_settings
+from localmim_cli.errors import UsageError
+
+
+def finetune(
+    data: Annotated[Optional[Path], typer.Argument(
+        help="Folder with one subfolder of images per class (ImageFolder layout). "
+             "Optional with --resume.", show_default=False)] = None,
+    init: Annotated[Optional[Path], typer.Option(
+        "--init", help="Start from: a pretrain run directory, a localmim checkpoint, a published "
+                       "LocalMIM/MAE ViT .pth/.safetensors, or an exported encoder folder.")] = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    val: Annotated[Optional[Path], typer.Option(
+        "--val", help="Separate validation folder with the same class subfolders (data.val_path).")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(
+        help="data.val_fraction: share of each class held out when there is no --val (0 = none)")] = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    accum_steps: AccumOpt = None,
+    lr: Annotated[Optional[float], typer.Option(help="optim.lr, absolute (overrides --base-lr)")] = None,
+    base_lr: BaseLrOpt = None,
+    layer_decay: Annotated[Optional[float], typer.Option(help="optim.layer_decay")] = None,
+    drop_path: Annotated[Optional[float], typer.Option(help="model.drop_path")] = None,
+    arch: Annotated[Optional[str], typer.Option(
+        help="model.arch: the timm architecture the checkpoint must be, e.g. vit_base_patch16_224")] = None,
+    img_size: Annotated[Optional[int], typer.Option(help="model.img_size (default: the checkpoint's)")] = None,
+    precision: PrecisionOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    workers: WorkersOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve settings, check the data and the "
+                                                            "checkpoint, build the model, then stop.")] = False,
+) -> None:
+    """Fine-tune a pretrained encoder as an image classifier (the published ViT protocol).
+
+    Global average pooling with a new norm and head, layer-wise lr decay, drop path,
+    Mixup/CutMix, RandAugment, random erasing, label smoothing, AdamW with warmup + cosine.
+    Writes into the run directory: settings.json, settings.provenance.json, classes.json,
+    manifest.json, metrics.jsonl (training and validation lines), checkpoints/ (kind "finetune").
+    Under torchrun every process runs this same command; rank 0 alone writes.
+    """
+    from localmim_cli.config.resolve import resolve_settings
+    from localmim_cli.config.schema import FinetuneSettings
+    from localmim_cli.engine import runs
+    from localmim_cli.tasks import finetune as task
+
+    flags = {"data.path": str(data) if data else None, "init": str(init) if init else None,
+             "data.val_path": str(val) if val else None, "data.val_fraction": val_fraction,
+             "train.epochs": epochs, "train.batch_size": batch_size, "train.accum_steps": accum_steps,
+             "optim.lr": lr, "optim.base_lr": base_lr, "optim.layer_decay": layer_decay,
+             "model.drop_path": drop_path, "model.arch": arch, "model.img_size": img_size,
+             "train.precision": precision, "train.device": device, "train.seed": seed, "data.workers": workers}
+    base = runs.resumed_settings(out, preset) if resume else None
+    resolved = resolve_settings(FinetuneSettings, preset, config, set_, flags, base)
+    run_dir = out or runs.default_run_dir(preset or "finetune")
+    if dry_run:
+        if resume:
+            raise UsageError("--dry-run checks a new run; drop --resume")
+        print_settings(resolved)
+        console.print(task.check(resolved.settings) + f"; would write to {run_dir}")
+        return
+    summary = task.finetune(resolved, run_dir, resume=resume, overwrite=overwrite, console=console)
+    if summary:
+        val = summary.get("val") or {}
+        score = (f"; val top-1 {val['val_top1']:.2f}% (best {summary['best']['val_top1']:.2f}%)"
+                 if val else "")
+        console.print(f"[green]done[/]: {summary['steps']} steps, final loss "
+                      f"{summary.get('loss', float('nan')):.4f}{score}; checkpoints in {Path(run_dir) / 'checkpoints'}")

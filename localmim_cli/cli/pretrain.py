@@ -1,0 +1,67 @@
+"""`localmim pretrain`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from localmim_cli.cli.options import (AccumOpt, BaseLrOpt, BatchOpt, ConfigOpt, DeviceOpt, EpochsOpt, OutOpt,
+                                      OverwriteOpt, PrecisionOpt, PresetOpt, ResumeOpt, SeedOpt, SetOpt,
+                                      WorkersOpt)
+from localmim_cli.cli.output import console, print_settings
+
+
+def pretrain(
+    data: Annotated[Optional[Path], typer.Argument(
+        help="Folder of images (searched recursively; JPEG, PNG, WebP, BMP, TIFF). "
+             "Leave out to use the built-in sample photos.", show_default=False)] = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    accum_steps: AccumOpt = None,
+    base_lr: BaseLrOpt = None,
+    precision: PrecisionOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    workers: WorkersOpt = None,
+    encoder: Annotated[Optional[str], typer.Option(help="model.encoder.name (a plugin)")] = None,
+    target: Annotated[Optional[str], typer.Option(help="model.target.name (a plugin)")] = None,
+    skip_unreadable: Annotated[Optional[bool], typer.Option(
+        "--skip-unreadable", help="Leave out images that fail to decode (counted in the manifest).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve settings, check the data and "
+                                                            "build the model, then stop.")] = False,
+) -> None:
+    """Pretrain a LocalMIM model on a folder of images.
+
+    Writes into the run directory: settings.json (resolved values) and settings.provenance.json
+    (which layer set each), manifest.json, metrics.jsonl, checkpoints/ (safetensors + JSON).
+    Under torchrun every process runs this same command; rank 0 alone writes.
+    """
+    from localmim_cli.config.resolve import resolve_settings
+    from localmim_cli.config.schema import PretrainSettings
+    from localmim_cli.engine import runs
+    from localmim_cli.tasks import pretrain as task
+
+    flags = {"data.path": str(data) if data else None, "train.epochs": epochs,
+             "train.batch_size": batch_size, "train.accum_steps": accum_steps, "optim.base_lr": base_lr,
+             "train.precision": precision, "train.device": device, "train.seed": seed,
+             "data.workers": workers, "model.encoder.name": encoder, "model.target.name": target,
+             "data.skip_unreadable": skip_unreadable}
+    base = runs.resumed_settings(out, preset) if resume else None
+    resolved = resolve_settings(PretrainSettings, preset, config, set_, flags, base)
+    run_dir = out or runs.default_run_dir(preset or "pretrain")
+    if dry_run:
+        print_settings(resolved)
+        console.print(task.check(resolved.settings) + f"; would write to {run_dir}")
+        return
+    summary = task.pretrain(resolved, run_dir, resume=resume, overwrite=overwrite, console=console)
+    if summary:
+        console.print(f"[green]done[/]: {summary['steps']} steps, final loss {summary.get('loss', float('nan')):.4f}; "
+                      f"checkpoints in {Path(run_dir) / 'checkpoints'}")

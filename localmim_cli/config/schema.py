@@ -1,0 +1,257 @@
+"""The settings of a run: one pydantic model tree, unknown keys refused.
+
+Values arrive in layers (see `layers.py`); this module only says what is valid. Plugin options
+(`model.encoder.options`, `model.target.options`) are validated by the plugin's own model once
+the plugin is known, so a third-party encoder's options are checked as strictly as ours.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from localmim_cli.errors import UsageError
+
+
+def _crop_range(value: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = value
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {value}")
+    return value
+
+
+# RandomResizedCrop's range of crop areas, as a share of the image.
+CropScale = Annotated[tuple[float, float], AfterValidator(_crop_range)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PluginChoice(Strict):
+    name: str = Field(description="entry-point name of the plugin (see `localmim plugins list`)")
+    options: dict[str, Any] = Field(default_factory=dict, description="validated by the plugin")
+
+
+class DecoderSettings(Strict):
+    width: int = Field(256, ge=8, description="decoder embedding width (published ViT: 256)")
+    depth: int = Field(1, ge=1, description="transformer blocks per decoder (published: 1)")
+    num_heads: int = Field(8, ge=1, description="attention heads (published ViT: 8)")
+    mlp_ratio: float = Field(4.0, gt=0)
+
+
+class ModelSettings(Strict):
+    encoder: PluginChoice = Field(default_factory=lambda: PluginChoice(name="vit"))
+    target: PluginChoice = Field(default_factory=lambda: PluginChoice(name="hog"))
+    img_size: int = Field(224, ge=8, description="square input side in pixels")
+    taps: list[int] | None = Field(None, description="1-indexed encoder layers that get a decoder; "
+                                                     "empty = the encoder's default (ViT: 2, 4, L-2, L)")
+    scales: list[float] = Field([4.0, 2.0, 1.0, 0.5], description="resolution factor of each "
+                                "decoder's prediction relative to its tap grid, one per tap")
+    decoder: DecoderSettings = Field(default_factory=DecoderSettings)
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="share of patches hidden")
+    layer_norm_eps: float = Field(1e-6, gt=0)
+
+
+class DataSettings(Strict):
+    path: Path | None = Field(None, description="image folder (recursive); empty = built-in sample photos")
+    crop_scale: CropScale = Field((0.2, 1.0), description="RandomResizedCrop area range")
+    hflip: bool = Field(True, description="random horizontal flip")
+    workers: int = Field(2, ge=0, description="loader processes per device")
+    skip_unreadable: bool = Field(False, description="skip files that fail to decode (counted in the log) "
+                                                     "instead of stopping")
+    repeats: int = Field(1, ge=1, description="passes over the folder per epoch (small folders)")
+
+
+class OptimSettings(Strict):
+    base_lr: float = Field(1.5e-4, gt=0, description="lr per 256 images; lr = base_lr * effective batch / 256")
+    lr: float | None = Field(None, gt=0, description="absolute lr; overrides base_lr scaling when set")
+    min_lr: float = Field(0.0, ge=0, description="floor of the cosine schedule")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW decay; norms and biases are excluded")
+    betas: tuple[float, float] = Field((0.9, 0.95))
+    warmup_epochs: float = Field(40, ge=0, description="linear warmup, per step")
+    clip_grad: float | None = Field(None, gt=0, description="max gradient norm; empty = no clipping")
+
+
+class TrainSettings(Strict):
+    epochs: int = Field(1600, ge=1)
+    batch_size: int = Field(256, ge=1, description="images per device per micro-step")
+    accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPUs that have it, else fp32")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    seed: int = Field(0, description="run seed; crops, flips and masks derive from it per sample")
+    log_every: int = Field(20, ge=1, description="optimizer steps between logged metrics")
+    checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints "
+                                                       "(0 = at each epoch's end); the last step always")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept")
+    visualize_every: int = Field(0, ge=0, description="epochs between reconstruction figures (0 = never)")
+
+
+class PretrainSettings(Strict):
+    """Everything `localmim pretrain` reads."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning (`localmim finetune`) and evaluation (`localmim evaluate`)
+
+
+class FinetuneModelSettings(Strict):
+    arch: str | None = Field(None, description="timm architecture the --init checkpoint must match, e.g. "
+                                               "vit_base_patch16_224; empty = whatever the checkpoint is")
+    img_size: int | None = Field(None, ge=8, description="input side in pixels; empty = the checkpoint's "
+                                                          "(position embeddings are resampled when it differs)")
+    drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate at the last block")
+    head_init_std: float = Field(2e-5, gt=0, description="trunc-normal std of the new classifier head")
+
+
+class FinetuneDataSettings(Strict):
+    path: Path | None = Field(None, description="training folder, one subfolder per class (ImageFolder)")
+    val_path: Path | None = Field(None, description="separate validation folder with the same class folders")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of each class held out for validation "
+                                                             "when no val_path is given (0 = none)")
+    workers: int = Field(2, ge=0, description="loader processes per device")
+    repeats: int = Field(1, ge=1, description="passes over the training images per epoch (small folders)")
+    crop_scale: CropScale = Field((0.08, 1.0), description="RandomResizedCrop area range")
+    hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    auto_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm RandAugment policy; "
+                                                                        "empty = none")
+    color_jitter: float | None = Field(None, ge=0, description="colour jitter strength (timm: unused "
+                                                               "when auto_augment is set)")
+    interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"
+    reprob: float = Field(0.25, ge=0, le=1, description="random erasing probability")
+    remode: Literal["pixel", "rand", "const"] = Field("pixel", description="random erasing fill")
+    recount: int = Field(1, ge=1, description="random erasing boxes per image")
+    eval_crop_fraction: float = Field(0.875, gt=0, le=1, description="eval: resize the short side to "
+                                      "img_size / this, then centre crop (224/256 as published)")
+
+
+class MixupSettings(Strict):
+    mixup: float = Field(0.8, ge=0, description="Mixup alpha (0 = off)")
+    cutmix: float = Field(1.0, ge=0, description="CutMix alpha (0 = off)")
+    cutmix_minmax: tuple[float, float] | None = Field(None, description="CutMix box ratio range; "
+                                                                        "overrides the alpha when set")
+    prob: float = Field(1.0, ge=0, le=1, description="probability of mixing a batch")
+    switch_prob: float = Field(0.5, ge=0, le=1, description="probability of CutMix when both are on")
+    mode: Literal["batch", "pair", "elem"] = "batch"
+
+    @property
+    def active(self) -> bool:
+        return self.prob > 0 and (self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None)
+
+
+class FinetuneOptimSettings(Strict):
+    base_lr: float = Field(5e-4, gt=0, description="lr per 256 images; lr = base_lr * effective batch / 256")
+    lr: float | None = Field(None, gt=0, description="absolute lr; overrides base_lr scaling when set")
+    min_lr: float = Field(1e-6, ge=0, description="floor of the cosine schedule")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW decay; 1-D params, pos_embed and "
+                                                        "cls_token excluded")
+    betas: tuple[float, float] = Field((0.9, 0.999))
+    layer_decay: float = Field(0.75, gt=0, le=1, description="layer-wise lr decay: block i gets "
+                                                             "layer_decay^(L+1-i) of the lr")
+    warmup_epochs: float = Field(5, ge=0, description="linear warmup, per step")
+    clip_grad: float | None = Field(None, gt=0, description="max gradient norm; empty = no clipping")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+
+
+class FinetuneTrainSettings(Strict):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(128, ge=1, description="images per device per micro-step")
+    accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPUs that have it, else fp32")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    seed: int = Field(0, description="run seed: split, augmentations, mixing and drop path derive from it")
+    log_every: int = Field(20, ge=1, description="optimizer steps between logged metrics")
+    eval_every: int = Field(1, ge=0, description="epochs between validation passes (0 = last epoch only)")
+    eval_batch_size: int | None = Field(None, ge=1, description="validation batch; empty = batch_size")
+    checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints "
+                                                       "(0 = at each epoch's end); the last step always")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept")
+
+
+class FinetuneSettings(Strict):
+    """Everything `localmim finetune` reads."""
+
+    init: Path | None = Field(None, description="checkpoint to start from: a pretrain run, a checkpoint, "
+                                                "a published .pth/.safetensors, or an exported encoder")
+    model: FinetuneModelSettings = Field(default_factory=FinetuneModelSettings)
+    data: FinetuneDataSettings = Field(default_factory=FinetuneDataSettings)
+    mixup: MixupSettings = Field(default_factory=MixupSettings)
+    optim: FinetuneOptimSettings = Field(default_factory=FinetuneOptimSettings)
+    train: FinetuneTrainSettings = Field(default_factory=FinetuneTrainSettings)
+
+    @model_validator(mode="after")
+    def _even_batch_for_mixing(self) -> "FinetuneSettings":
+        if self.mixup.active and self.mixup.mode == "batch" and self.train.batch_size % 2:
+            raise ValueError(f"train.batch_size {self.train.batch_size} is odd; Mixup/CutMix in batch mode "
+                             "pairs images, so use an even batch or turn mixing off (mixup.prob=0)")
+        return self
+
+
+class KnnSettings(Strict):
+    k: int = Field(20, ge=1, description="neighbours that vote (DINO: 20)")
+    temperature: float = Field(0.07, gt=0, description="votes weigh exp(cosine / temperature) (DINO: 0.07)")
+
+
+class LinearProbeSettings(Strict):
+    epochs: int = Field(100, ge=1, description="passes over the training features per fit")
+    batch_size: int = Field(256, ge=1)
+    lrs: list[float] = Field([1e-3, 3e-3, 1e-2, 3e-2, 1e-1], min_length=1,
+                             description="learning rates swept (AdamW, cosine)")
+    weight_decays: list[float] = Field([0.0, 1e-4, 1e-3, 1e-2], min_length=1,
+                                       description="weight decays swept")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of the training features held "
+                                                                 "out to pick lr and weight decay")
+
+
+class FewshotSettings(Strict):
+    way: int | None = Field(5, ge=2, description="classes per episode; empty = all classes")
+    shots: list[int] = Field([1, 5], min_length=1, description="labelled examples per class (one "
+                                                               "result per value)")
+    queries: int | None = Field(15, ge=1, description="query images per class per episode, from the "
+                                                      "validation side; empty = all")
+    episodes: int = Field(100, ge=1, description="random episodes; the result is their mean and 95% interval")
+    classifier: Literal["centroid", "logistic"] = Field("centroid", description="nearest class mean "
+                                                        "(cosine), or logistic regression on the support")
+
+
+class EvaluateSettings(Strict):
+    """Everything `localmim evaluate` reads."""
+
+    protocol: Literal["auto", "classifier", "knn", "linear", "fewshot"] = Field(
+        "auto", description="auto = classifier for fine-tuned models, knn otherwise")
+    val_path: Path | None = Field(None, description="separate validation folder; else DATA is split")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="share of each class of DATA held out as "
+                                                             "validation for the probes")
+    img_size: int | None = Field(None, ge=8, description="input side; empty = the checkpoint's")
+    crop_fraction: float = Field(0.875, gt=0, le=1, description="resize the short side to img_size / this, "
+                                                                "then centre crop")
+    batch_size: int = Field(64, ge=1)
+    workers: int = Field(2, ge=0)
+    device: str = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    seed: int = 0
+    cache: bool = Field(True, description="reuse features cached by an earlier run with the same "
+                                          "checkpoint, images and preprocessing")
+    knn: KnnSettings = Field(default_factory=KnnSettings)
+    linear: LinearProbeSettings = Field(default_factory=LinearProbeSettings)
+    fewshot: FewshotSettings = Field(default_factory=FewshotSettings)
+
+
+SCHEMAS: dict[str, type[Strict]] = {"pretrain": PretrainSettings, "finetune": FinetuneSettings,
+                                    "evaluate": EvaluateSettings}
+
+
+def schema_for(command: str, flag: str = "command") -> type[Strict]:
+    """The settings model of a command; `flag` names where the command name came from."""
+    if command not in SCHEMAS:
+        raise UsageError(f"{flag} {command!r}: choose one of {', '.join(SCHEMAS)}")
+    return SCHEMAS[command]

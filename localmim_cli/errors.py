@@ -1,0 +1,58 @@
+"""Every error a user can fix, in one hierarchy.
+
+The command line prints a `UserError` as one line (exit status 2) and nothing else; any other
+exception is a bug in localmim or a plugin and keeps its traceback. So raise a `UserError`
+subclass only where the message tells the user what to change, naming the file, flag or setting.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem the user can fix: bad input, settings, files or flags."""
+
+
+class SettingsError(UserError):
+    """Settings that cannot be used; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str], header: str = "invalid settings"):
+        self.problems = list(problems)
+        super().__init__(f"{header}:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class PresetError(UserError):
+    """A preset that cannot be found or read; the message says which and why."""
+
+
+class ModelError(UserError, ValueError):
+    """Model settings that do not fit together (taps, scales, sizes), as the encoder, target or
+    model reported it. Also a ValueError: that is what encoders and targets raise for options
+    they cannot build (the plugin interface's rule), and what Python callers may catch."""
+
+
+class PluginError(UserError, LookupError):
+    """A plugin asked for by name is missing or broken; the message says which and why."""
+
+
+class DataError(UserError):
+    """Data the run cannot use; the message names the offending path."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be read or does not fit; the message names the file and the reason."""
+
+
+class RunDirError(UserError):
+    """The run directory cannot be used as asked (or a resume would change its recipe)."""
+
+
+class TrainingDiverged(UserError):
+    """The loss went NaN or infinite; the message says what to try."""
+
+
+class ExportError(UserError):
+    """The export could not be made or did not verify; the message says why."""
+
+
+class UsageError(UserError):
+    """Command arguments that contradict each other or are out of range (names the flag)."""

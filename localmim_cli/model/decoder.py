@@ -1,0 +1,96 @@
+"""The light local decoder LocalMIM attaches to one encoder tap.
+
+tokens -> linear embed -> mask tokens re-inserted, unshuffled -> fixed sin-cos positions ->
+transformer block(s) -> norm -> prefix dropped -> grid -> head that changes resolution by the
+tap's scale (transposed convolutions up, average pooling down) -> 1x1 projection to the target.
+Module names follow the published decoders so their checkpoints load key for key.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from timm.layers import LayerNorm2d
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from localmim_cli.encoders.base import TapOutput
+from localmim_cli.model.positions import sincos_2d
+from localmim_cli.model.init import xavier_linears_unit_norms
+
+
+def prediction_head(width: int, scale: float, out_dim: int, eps: float = 1e-6) -> nn.Sequential:
+    """(B, width, h, w) -> (B, out_dim, h*scale, w*scale).
+
+    x4 is ConvT(w, w/2) -> LN -> GELU -> ConvT(w/2, w/4) -> 1x1, x2 ConvT(w, w/2) -> 1x1,
+    x1 a 1x1, x0.5 AvgPool(2) -> 1x1 (published); other powers of two extend the same pattern.
+    """
+    layers: list[nn.Module] = []
+    if scale >= 1:
+        n_up = round(math.log2(scale))
+        channels = width
+        for i in range(n_up):
+            if i > 0:
+                layers += [LayerNorm2d(channels, eps=eps), nn.GELU()]
+            layers.append(nn.ConvTranspose2d(channels, channels // 2, kernel_size=2, stride=2))
+            channels //= 2
+    else:
+        factor = round(1 / scale)
+        layers.append(nn.AvgPool2d(factor, stride=factor))
+        channels = width
+    layers.append(nn.Conv2d(channels, out_dim, kernel_size=1))
+    return nn.Sequential(*layers)
+
+
+def check_scale(scale: float) -> None:
+    log = math.log2(scale) if scale > 0 else float("nan")
+    if not math.isfinite(log) or log != round(log):
+        raise ValueError(f"decoder scale {scale} must be a power of two (..., 0.25, 0.5, 1, 2, 4, ...)")
+
+
+class LocalDecoder(nn.Module):
+    def __init__(self, in_dim: int, grid: tuple[int, int], n_prefix: int, width: int, depth: int,
+                 num_heads: int, mlp_ratio: float, scale: float, out_dim: int, eps: float = 1e-6):
+        super().__init__()
+        check_scale(scale)
+        if width % num_heads:
+            raise ValueError(f"decoder width {width} is not divisible by its {num_heads} heads")
+        if scale >= 1 and width % (2 ** round(math.log2(scale))):
+            raise ValueError(f"decoder width {width} cannot be halved {round(math.log2(scale))} times")
+        self.grid = grid
+        self.n_prefix = n_prefix
+        self.embed = nn.Linear(in_dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        pos = sincos_2d(width, *grid, cls_token=False)
+        pos = torch.cat([torch.zeros(1, n_prefix, width), pos], dim=1)  # prefix slots: zeros
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        norm = functools.partial(nn.LayerNorm, eps=eps)
+        self.blocks = nn.ModuleList(
+            Block(width, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)
+        )
+        self.norm = norm(width)
+        self.pred = prediction_head(width, scale, out_dim, eps)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Published: mask token N(0, .02), xavier linears, unit norms; convolutions keep PyTorch's init.
+        nn.init.normal_(self.mask_token, std=0.02)
+        xavier_linears_unit_norms(self)
+
+    def forward(self, tap: TapOutput) -> torch.Tensor:
+        x = self.embed(tap.tokens)  # (B, P + n_vis, D)
+        prefix, visible = x[:, : self.n_prefix], x[:, self.n_prefix :]
+        batch, n_cells = tap.ids_restore.shape
+        mask_tokens = self.mask_token.expand(batch, n_cells - visible.shape[1], -1)
+        x = torch.cat([visible, mask_tokens], dim=1)  # (B, h*w, D) in [visible..., masked...]
+        x = torch.gather(x, 1, tap.ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([prefix, x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)[:, self.n_prefix :]
+        h, w = self.grid
+        x = x.transpose(1, 2).reshape(batch, -1, h, w)  # (B, D, h, w)
+        x = self.pred(x)  # (B, out, h*s, w*s)
+        return x.flatten(2).transpose(1, 2)  # (B, cells, out), row-major

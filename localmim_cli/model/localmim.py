@@ -1,0 +1,116 @@
+"""LocalMIM: a masked encoder, one local decoder per tap, one reconstruction target per scale.
+
+images -> masking -> encoder taps -> local decoders -> per-scale predictions
+images -> target (once per batch, all scales)       -> per-scale targets
+loss_k = sum(mse_k * mask_k) / sum(mask_k); loss = sum_k loss_k (all weights 1, as published)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from localmim_cli.model.decoder import LocalDecoder, check_scale
+from localmim_cli.encoders.base import MaskedEncoder
+from localmim_cli.model.masking import Masking, mask_at_scale, masking_from_mask, masking_from_noise
+from localmim_cli.targets.base import ReconstructionTarget
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    width: int = 256
+    depth: int = 1
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class LocalMIMOutput:
+    """loss: scalar sum over scales; losses: (S,) per scale; the rest per scale, lowest tap first.
+
+    preds[k], targets[k]: (B, cells_k, dim_k); masks[k]: (B, cells_k) loss weights; mask: (B, L).
+    """
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    preds: list[torch.Tensor] = field(repr=False)
+    targets: list[torch.Tensor] = field(repr=False)
+    masks: list[torch.Tensor] = field(repr=False)
+    mask: torch.Tensor = field(repr=False)
+    ids_restore: torch.Tensor = field(repr=False)
+
+
+def cell_sizes(encoder: MaskedEncoder, scales: list[float]) -> list[int]:
+    """Pixel side of one target cell per tap: the tap's stride divided by its scale."""
+    if len(scales) != len(encoder.taps):
+        raise ValueError(f"{len(scales)} scales given for {len(encoder.taps)} taps "
+                         f"(layers {encoder.tap_layers}); give one scale per tap")
+    cells = []
+    for tap, layer, scale in zip(encoder.taps, encoder.tap_layers, scales):
+        check_scale(scale)
+        cell = tap.stride_px / scale
+        if cell != int(cell) or cell < 1:
+            raise ValueError(f"tap at layer {layer} (stride {tap.stride_px}px) at scale {scale} "
+                             f"gives a cell of {cell}px, which is not a whole number of pixels")
+        cells.append(int(cell))
+    return cells
+
+
+class LocalMIM(nn.Module):
+    def __init__(self, encoder: MaskedEncoder, target: ReconstructionTarget, scales: list[float],
+                 decoder: DecoderShape = DecoderShape(), mask_ratio: float = 0.75,
+                 layer_norm_eps: float = 1e-6):
+        super().__init__()
+        self.encoder = encoder
+        self.target = target
+        self.scales = list(scales)
+        self.mask_ratio = mask_ratio
+        self.cells_px = cell_sizes(encoder, scales)
+        if list(target.cells_px) != self.cells_px:
+            raise ValueError(f"target built for cells {target.cells_px}, model needs {self.cells_px}")
+        unit_h, unit_w = encoder.unit_grid
+        decoders = []
+        for tap, layer, scale, dim in zip(encoder.taps, encoder.tap_layers, scales, target.dims):
+            grid = (unit_h * encoder.unit_px // tap.stride_px, unit_w * encoder.unit_px // tap.stride_px)
+            if scale < 1 and (grid[0] % round(1 / scale) or grid[1] % round(1 / scale)):
+                raise ValueError(f"tap at layer {layer} has a {grid[0]}x{grid[1]} grid, which does "
+                                 f"not divide by the pooling factor {round(1 / scale)} of scale {scale}")
+            n_prefix = getattr(encoder, "n_prefix", 1 if getattr(encoder, "cls_token", None) is not None else 0)
+            decoders.append(LocalDecoder(tap.channels, grid, n_prefix, decoder.width, decoder.depth,
+                                         decoder.num_heads, decoder.mlp_ratio, scale, dim,
+                                         layer_norm_eps))
+        self.decoders = nn.ModuleList(decoders)
+
+    @property
+    def num_units(self) -> int:
+        return self.encoder.unit_grid[0] * self.encoder.unit_grid[1]
+
+    def masking(self, batch: int, device: torch.device, noise: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> Masking:
+        if mask is not None:
+            return masking_from_mask(mask.to(device))
+        if noise is None:
+            noise = torch.rand(batch, self.num_units, device=device)
+        return masking_from_noise(noise.to(device), self.mask_ratio)
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> LocalMIMOutput:
+        """images (B, 3, H, W) normalized; noise (B, L) uniform, or mask (B, L) with 1 = hidden."""
+        masking = self.masking(images.shape[0], images.device, noise, mask)
+        taps = self.encoder.forward_taps(images, masking.ids_keep, masking.ids_restore)
+        preds = [decoder(tap) for decoder, tap in zip(self.decoders, taps)]
+        with torch.no_grad():
+            targets = self.target(images)
+        unit_px = self.encoder.unit_px
+        masks, losses = [], []
+        for pred, target, cell in zip(preds, targets, self.cells_px):
+            weight = mask_at_scale(masking.mask, self.encoder.unit_grid, unit_px / cell)
+            per_cell = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, cells)
+            # clamp: a mask that hides nothing gives a zero loss rather than 0/0
+            losses.append((per_cell * weight).sum() / weight.sum().clamp_min(1e-12))
+            masks.append(weight)
+        losses_t = torch.stack(losses)
+        return LocalMIMOutput(losses_t.sum(), losses_t, preds, targets, masks, masking.mask,
+                              masking.ids_restore)

@@ -1,0 +1,474 @@
+"""Encoder weights from anything a user may point at, as one timm-named ViT state dict.
+
+Accepted sources, told apart by what is on disk:
+
+    pretrain run, checkpoint folder, its model.safetensors     meta.json kind "pretrain"
+    finetune run or checkpoint                                 meta.json kind "finetune"
+    exported encoder folder (`localmim export`)                config.json + model.safetensors
+    published .pth / .safetensors file                         authors' LocalMIM layout (blocks.N,
+                                                               norm.K, decoder.K.*) or MAE's
+                                                               (norm.*, decoder_*, mask_token)
+
+Whatever the source, `EncoderWeights.state` uses timm's VisionTransformer names: patch_embed.*,
+cls_token, pos_embed, blocks.N.*, and where the source has one, the norm the features go
+through: `norm.*` (per token before pooling: a pretrained encoder's last tap norm, or MAE's final
+norm) or `fc_norm.*` (after pooling: a fine-tuned model), plus `head.*` for a fine-tuned model.
+Decoders, the other tap norms and HOG constants are pretraining-only and dropped here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from localmim_cli.errors import CheckpointError, ModelError
+
+Kind = Literal["pretrain", "finetune", "published", "export"]
+# What a checkpoint's features are: mean of normed tokens, norm of the mean, or a plain mean.
+Pooling = Literal["norm_then_pool", "pool_then_norm", "pool"]
+
+# timm's named sizes: (width, depth, heads) -> name stem; the patch size goes into the name.
+_TIMM_SIZES = {(192, 12, 3): "vit_tiny", (384, 12, 6): "vit_small", (768, 12, 12): "vit_base",
+               (1024, 24, 16): "vit_large", (1280, 32, 16): "vit_huge"}
+FALLBACK_ARCH = "vit_base_patch16_224"   # any size builds from it: the kwargs replace its sizes
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    """The architecture of a ViT encoder, enough to build it in timm."""
+
+    img_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        return {"img_size": self.img_size, "patch_size": self.patch_size, "embed_dim": self.embed_dim,
+                "depth": self.depth, "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio,
+                "qkv_bias": self.qkv_bias}
+
+    @property
+    def named_arch(self) -> str | None:
+        """timm's name for this size (e.g. vit_base_patch16_224), when timm has one."""
+        import timm
+
+        stem = _TIMM_SIZES.get((self.embed_dim, self.depth, self.num_heads))
+        if stem is None or self.mlp_ratio != 4.0 or not self.qkv_bias:
+            return None
+        name = f"{stem}_patch{self.patch_size}_224"
+        return name if timm.is_model(name) else None
+
+    @property
+    def arch(self) -> str:
+        return self.named_arch or FALLBACK_ARCH
+
+    def describe(self) -> str:
+        name = self.named_arch
+        return (f"ViT width {self.embed_dim}, depth {self.depth}, {self.num_heads} heads, patch "
+                f"{self.patch_size}, {self.img_size} px" + (f" ({name})" if name else " (no timm name: "
+                                                             f"built from {FALLBACK_ARCH} with these sizes)"))
+
+    def same_architecture(self, other: "ViTShape") -> bool:
+        """Same weights shapes and function (image size aside: positions can be resampled)."""
+        a, b = self.timm_kwargs(), other.timm_kwargs()
+        a.pop("img_size"), b.pop("img_size")
+        return a == b
+
+
+@dataclass
+class EncoderWeights:
+    kind: Kind
+    source: Path                       # what the user gave
+    shape: ViTShape
+    state: dict[str, torch.Tensor]     # timm names (see the module docstring)
+    pooling: Pooling
+    classes: list[str] | None = None   # a fine-tuned model's class names, in head order
+    run_dir: Path | None = None        # the run directory the checkpoint belongs to, if any
+    model_file: Path | None = None     # the tensor file read (for cache keys)
+    meta: dict[str, Any] = field(default_factory=dict)
+    encoder_name: str = "vit"          # the pretraining encoder plugin (pretrain kind)
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies these weights for a feature cache: the file, its size and mtime."""
+        f = self.model_file
+        st = f.stat() if f is not None and f.is_file() else None
+        return {"file": str(f.resolve()) if f else str(self.source), "size": st.st_size if st else None,
+                "mtime_ns": st.st_mtime_ns if st else None, "kind": self.kind, "pooling": self.pooling}
+
+    def describe(self) -> str:
+        if self.encoder_name != "vit":
+            return f"{self.kind} checkpoint {self.source}: {self.encoder_name!r} encoder plugin, " \
+                   f"{self.shape.img_size or self.meta['settings']['model']['img_size']} px"
+        guessed = ("; the file does not say how many attention heads, so "
+                   f"{self.shape.num_heads} was assumed" if self.meta.get("heads_guessed") else "")
+        return f"{self.kind} checkpoint {self.source}: {self.shape.describe()}{guessed}"
+
+    @property
+    def has_head(self) -> bool:
+        """A fine-tuned model's classifier is in the weights (a ViT's head.*, or any model built
+        via an encoder plugin's to_timm(): fine-tuned checkpoints always keep their head)."""
+        if not self.classes:
+            return False
+        return "head.weight" in self.state or (self.kind == "finetune" and self.encoder_name != "vit")
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        """Only what a new fine-tuning model takes over: no norm after the blocks, no head."""
+        return {k: v for k, v in self.state.items()
+                if k in ("cls_token", "pos_embed") or k.startswith(("patch_embed.", "blocks."))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_encoder_weights(path: Path | str) -> EncoderWeights:
+    """Read any supported source; raises CheckpointError naming the path and what is wrong."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file or folder")
+    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file() \
+            and not (path / "meta.json").is_file():
+        return _from_export(path)
+    if path.is_file() and path.name == "model.safetensors" and (path.parent / "config.json").is_file() \
+            and not (path.parent / "meta.json").is_file():
+        return _from_export(path.parent)
+    if path.is_dir() or (path.name == "model.safetensors" and (path.parent / "meta.json").is_file()):
+        from localmim_cli.engine import checkpoints
+        ckpt = checkpoints.load(path)
+        kind = ckpt.meta.get("kind", "pretrain")
+        if kind == "pretrain":
+            return _from_pretrain(path, ckpt)
+        if kind == "finetune":
+            return _from_finetune(path, ckpt)
+        raise CheckpointError(f"{ckpt.path}: checkpoint kind {kind!r} is not one this command reads "
+                              "(pretrain or finetune)")
+    return _from_published(path)
+
+
+def run_dir_of(checkpoint_folder: Path) -> Path | None:
+    """checkpoints/step-N -> the run directory, when the layout is a run's."""
+    parent = checkpoint_folder.parent
+    if parent.name == "checkpoints" and (parent.parent / "settings.json").is_file():
+        return parent.parent
+    return None
+
+
+def _from_pretrain(source: Path, ckpt) -> EncoderWeights:
+    from localmim_cli.config.schema import ModelSettings
+
+    try:
+        model_settings = ModelSettings.model_validate(ckpt.meta["settings"]["model"])
+    except Exception as exc:
+        raise CheckpointError(f"{ckpt.path}: its meta.json has no usable model settings ({exc})") from None
+    state = ckpt.model_state()
+    encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    name = model_settings.encoder.name
+    weights_shape = None
+    if name == "vit":
+        from localmim_cli.encoders.vit import ViTOptions, default_vit_taps
+        options = ViTOptions.model_validate(model_settings.encoder.options)
+        weights_shape = ViTShape(model_settings.img_size, options.patch_size, options.embed_dim, options.depth,
+                                 options.num_heads, options.mlp_ratio, options.qkv_bias)
+        taps = list(ckpt.meta.get("tap_layers") or model_settings.taps or default_vit_taps(options.depth))
+        encoder = _keep_last_tap_norm(encoder, taps, options.depth)
+    pooling: Pooling = "norm_then_pool" if "norm.weight" in encoder else "pool"
+    return EncoderWeights("pretrain", source, weights_shape or _unknown_shape(), encoder, pooling,
+                          run_dir=run_dir_of(ckpt.path), model_file=ckpt.model_file, meta=ckpt.meta,
+                          encoder_name=name)
+
+
+def _unknown_shape() -> ViTShape:
+    return ViTShape(0, 0, 0, 0, 0)
+
+
+def _keep_last_tap_norm(encoder: dict[str, torch.Tensor], taps: list[int], depth: int) -> dict[str, torch.Tensor]:
+    """tap_norms.K -> norm.* for the last tap when it sits on the last layer; others dropped."""
+    out = {k: v for k, v in encoder.items() if not k.startswith("tap_norms.")}
+    if taps and taps[-1] == depth:
+        last = len(taps) - 1
+        for part in ("weight", "bias"):
+            key = f"tap_norms.{last}.{part}"
+            if key in encoder:
+                out[f"norm.{part}"] = encoder[key]
+    return out
+
+
+def _from_finetune(source: Path, ckpt) -> EncoderWeights:
+    timm_meta = ckpt.meta.get("timm") or {}
+    plugin = timm_meta.get("plugin")
+    if plugin:   # built via an encoder plugin's to_timm(): no ViT shape, the image size only
+        return EncoderWeights("finetune", source, ViTShape(int(plugin["img_size"]), 0, 0, 0, 0), ckpt.model_state(),
+                              "pool_then_norm", classes=list(ckpt.meta.get("classes") or []),
+                              run_dir=run_dir_of(ckpt.path), model_file=ckpt.model_file, meta=ckpt.meta,
+                              encoder_name=plugin["encoder"]["name"])
+    try:
+        shape = ViTShape(**timm_meta["shape"])
+    except Exception as exc:
+        raise CheckpointError(f"{ckpt.path}: its meta.json does not describe the model ({exc})") from None
+    return EncoderWeights("finetune", source, shape, ckpt.model_state(), "pool_then_norm",
+                          classes=list(ckpt.meta.get("classes") or []), run_dir=run_dir_of(ckpt.path),
+                          model_file=ckpt.model_file, meta=ckpt.meta)
+
+
+def _from_export(folder: Path) -> EncoderWeights:
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{folder / 'config.json'}: not valid JSON ({exc})") from None
+    ours = config.get("localmim") or {}
+    args = config.get("model_args") or {}
+    try:
+        shape = ViTShape(**ours["shape"]) if "shape" in ours else ViTShape(
+            _side(args["img_size"]), int(args["patch_size"]), int(args["embed_dim"]), int(args["depth"]),
+            int(args["num_heads"]), float(args.get("mlp_ratio", 4.0)), bool(args.get("qkv_bias", True)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{folder / 'config.json'}: not a ViT export this program can read "
+                              f"(missing {exc})") from None
+    state = load_file(str(folder / "model.safetensors"))
+    pooling: Pooling = ("pool_then_norm" if "fc_norm.weight" in state
+                        else "norm_then_pool" if "norm.weight" in state else "pool")
+    classes = config.get("label_names") if "head.weight" in state else None
+    return EncoderWeights("export", folder, shape, state, pooling, classes=classes,
+                          model_file=folder / "model.safetensors", meta=config)
+
+
+def _side(size: Any) -> int:
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ValueError(f"square images only, got {size}")
+        return int(size[0])
+    return int(size)
+
+
+_HEADS_BY_NAME = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16}
+
+
+def _from_published(path: Path) -> EncoderWeights:
+    from localmim_cli.weights.published import read_published
+
+    state, args = read_published(path)
+    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a ViT checkpoint in the published LocalMIM/MAE layout "
+                              f"(no {', '.join(missing)}); pass a run directory, a localmim checkpoint, "
+                              "an exported encoder folder, or a published ViT .pth")
+    dim = state["cls_token"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    side = round((state["pos_embed"].shape[1] - 1) ** 0.5)
+    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    name = str(args.get("model", ""))
+    heads = next((h for size, h in _HEADS_BY_NAME.items() if size in name), None)
+    guessed = heads is None or dim % heads != 0
+    if guessed:
+        heads = max(1, dim // 64)   # every published ViT size but huge has 64-wide heads
+    shape = ViTShape(side * patch, patch, dim, depth, heads, hidden / dim, "blocks.0.attn.qkv.bias" in state)
+
+    encoder = {k: v for k, v in state.items()
+               if k in ("cls_token", "pos_embed") or k.startswith(("patch_embed.", "blocks."))}
+    tap_norms = sorted({int(m.group(1)) for k in state if (m := re.match(r"^norm\.(\d+)\.weight$", k))})
+    if tap_norms:   # LocalMIM: one norm per tap; the last one is the features' norm if on the last layer
+        taps = [int(t) + 1 for t in args.get("ID", [])] or [2, 4, depth - 2, depth][-len(tap_norms):]
+        if taps[-1] == depth:
+            last = tap_norms[-1]
+            encoder["norm.weight"], encoder["norm.bias"] = state[f"norm.{last}.weight"], state[f"norm.{last}.bias"]
+    elif "norm.weight" in state:   # MAE: the encoder's final norm
+        encoder["norm.weight"], encoder["norm.bias"] = state["norm.weight"], state["norm.bias"]
+    pooling: Pooling = "norm_then_pool" if "norm.weight" in encoder else "pool"
+    return EncoderWeights("published", path, shape, encoder, pooling, model_file=path,
+                          meta={"args": {k: v for k, v in args.items() if _jsonable(v)},
+                                "heads_guessed": guessed})
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Building timm models from weights
+
+
+def require_vit(weights: EncoderWeights, what: str) -> None:
+    if weights.encoder_name != "vit" or weights.shape.depth == 0:
+        raise CheckpointError(f"{weights.source}: {what} supports ViT encoders; this checkpoint was "
+                              f"pretrained with the {weights.encoder_name!r} encoder")
+
+
+def arch_shape(arch: str, img_size: int | None = None) -> ViTShape:
+    """The shape timm gives a named architecture, read off a model built on the meta device."""
+    import timm
+
+    if not timm.is_model(arch):
+        import difflib
+        close = difflib.get_close_matches(arch, timm.list_models("vit_*"), n=3)
+        raise ModelError(f"model.arch {arch!r} is not a timm architecture"
+                         + (f"; did you mean {', '.join(close)}?" if close else ""))
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+        raise ModelError(f"model.arch {arch!r} is not a plain ViT (no blocks / patch_embed)")
+    block = model.blocks[0]
+    return ViTShape(img_size or model.patch_embed.img_size[0], model.patch_embed.patch_size[0],
+                    model.embed_dim, len(model.blocks), block.attn.num_heads,
+                    block.mlp.fc1.out_features / model.embed_dim, block.attn.qkv.bias is not None)
+
+
+def check_arch(weights: EncoderWeights, arch: str | None, where: str = "model.arch") -> None:
+    """Refuse a checkpoint whose architecture is not the one asked for, saying both."""
+    if not arch:
+        return
+    wanted = arch_shape(arch, weights.shape.img_size)
+    if not wanted.same_architecture(weights.shape):
+        raise CheckpointError(
+            f"{weights.source} is a {weights.shape.describe()}, but {where} asks for {arch} "
+            f"({wanted.describe()}); use a preset or checkpoint that match, or --set model.arch=null "
+            "to take the checkpoint's architecture")
+
+
+def create_vit(shape: ViTShape, *, num_classes: int = 0, pooling: Pooling = "pool_then_norm",
+               drop_path: float = 0.0, arch: str | None = None):
+    """A timm VisionTransformer of this shape with average pooling.
+
+    pooling: "pool_then_norm" is the published fine-tuning model (avg pool, then a new fc_norm);
+    "norm_then_pool" puts the norm on every token before pooling (a pretrained encoder's
+    features); "pool" has no norm after the blocks.
+    """
+    import timm
+
+    extra: dict[str, Any] = {}
+    if pooling == "norm_then_pool":
+        extra["fc_norm"] = False
+    elif pooling == "pool":
+        extra["final_norm"] = False
+    return timm.create_model(arch or shape.arch, pretrained=False, num_classes=num_classes,
+                             global_pool="avg", drop_path_rate=drop_path, **shape.timm_kwargs(), **extra)
+
+
+def timm_model_args(shape: ViTShape, pooling: Pooling, num_classes: int) -> dict[str, Any]:
+    """The create_model keyword arguments that rebuild `create_vit(...)` (JSON-ready)."""
+    args: dict[str, Any] = {"num_classes": num_classes, "global_pool": "avg", **shape.timm_kwargs()}
+    if pooling == "norm_then_pool":
+        args["fc_norm"] = False
+    elif pooling == "pool":
+        args["final_norm"] = False
+    return args
+
+
+def fit_positions(state: dict[str, torch.Tensor], shape: ViTShape, img_size: int) -> dict[str, torch.Tensor]:
+    """Resample pos_embed from the checkpoint's grid to img_size's (bicubic, cls slot kept)."""
+    if img_size == shape.img_size or "pos_embed" not in state:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    if img_size % shape.patch_size:
+        raise ModelError(f"image size {img_size} is not divisible by the checkpoint's patch size "
+                         f"{shape.patch_size}")
+    side = img_size // shape.patch_size
+    old = shape.img_size // shape.patch_size
+    out = dict(state)
+    out["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=[side, side],
+                                              old_size=[old, old], num_prefix_tokens=1)
+    return out
+
+
+def reference_feature_model(weights: EncoderWeights, img_size: int | None = None) -> torch.nn.Module:
+    """A module mapping images (B, 3, H, W) to the checkpoint's features (B, C), in eval mode.
+
+    A pretrained encoder's features come from our own encoder (MaskedEncoder.forward_features:
+    patch tokens after all blocks, through the last tap norm when the last tap is the last layer,
+    averaged). Other checkpoints' come from timm: `forward_head(x, pre_logits=True)`, the pooled
+    and normed pre-logits of a fine-tuned model.
+    """
+    if weights.kind == "pretrain":
+        return _PretrainFeatures(weights, img_size).eval()
+    from localmim_cli.weights import via_timm
+    if via_timm.is_plugin_checkpoint(weights):
+        _native_size_only(weights, img_size)
+        return _TimmFeatures(via_timm.finetuned_from_weights(weights, 0)).eval()
+    require_vit(weights, "feature extraction")
+    size = img_size or weights.shape.img_size
+    model = create_vit(dataclasses.replace(weights.shape, img_size=size), num_classes=0,
+                       pooling=weights.pooling)
+    state = {k: v for k, v in fit_positions(weights.state, weights.shape, size).items()
+             if not k.startswith("head.")}
+    _load_strict(model, state, weights.source)
+    return _TimmFeatures(model).eval()
+
+
+def _native_size_only(weights: EncoderWeights, img_size: int | None) -> None:
+    if img_size and img_size != weights.shape.img_size:
+        raise ModelError(f"img_size {img_size}: a model built by the {weights.encoder_name!r} encoder plugin "
+                         f"runs at its own size {weights.shape.img_size}; leave img_size unset")
+
+
+def classifier_model(weights: EncoderWeights, img_size: int) -> torch.nn.Module:
+    """A fine-tuned checkpoint's whole model (head included) at img_size, for scoring."""
+    from localmim_cli.weights import via_timm
+    if via_timm.is_plugin_checkpoint(weights):
+        _native_size_only(weights, img_size)
+        return via_timm.finetuned_from_weights(weights)
+    shape = dataclasses.replace(weights.shape, img_size=img_size)
+    model = create_vit(shape, num_classes=len(weights.classes or []), pooling=weights.pooling)
+    result = model.load_state_dict(fit_positions(weights.state, weights.shape, img_size), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{weights.source}: weights do not fit its own model description")
+    return model
+
+
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{source}: weights do not fit the model: missing {result.missing_keys[:8]}, "
+                              f"unexpected {result.unexpected_keys[:8]}")
+
+
+class _TimmFeatures(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+
+class _PretrainFeatures(torch.nn.Module):
+    def __init__(self, weights: EncoderWeights, img_size: int | None):
+        super().__init__()
+        from localmim_cli.model.build import build_model
+        from localmim_cli.config.schema import ModelSettings
+
+        settings = ModelSettings.model_validate(weights.meta["settings"]["model"])
+        if img_size and img_size != settings.img_size:
+            raise ModelError(f"img_size {img_size}: features of a pretrained encoder are taken at its "
+                             f"pretraining size {settings.img_size}; leave img_size unset")
+        model = build_model(settings)
+        state = {k: v for k, v in _read_state(weights).items()}
+        result = model.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if k.startswith("encoder.")]
+        if missing:
+            raise CheckpointError(f"{weights.source}: encoder weights missing: {missing[:8]}")
+        self.encoder = model.encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.forward_features(images)
+
+
+def _read_state(weights: EncoderWeights) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(weights.model_file))

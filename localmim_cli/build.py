@@ -24,5 +24,6 @@ def build_model(settings: ModelSettings) -> LocalMIM:
     cells = cell_sizes(encoder, settings.scales)
     target = registry.target(settings.target.name).build(target_options(settings), cells)
     d = settings.decoder
-    return LocalMIM(encoder, target, settings.scales, DecoderShape(d.width, d.depth, d.num_heads, d.mlp_ratio),
+    width = d.width if isinstance(d.width, int) else tuple(d.width)
+    return LocalMIM(encoder, target, settings.scales, DecoderShape(width, d.depth, d.num_heads, d.mlp_ratio),
                     settings.mask_ratio, settings.layer_norm_eps)

@@ -80,6 +80,39 @@ def photo_folder(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def declared_plugins(tmp_path: Path, monkeypatch):
+    """The registry finds every plugin pyproject.toml declares, also when the installed package
+    metadata predates some of them (an editable install made before their entry points were
+    added): those are registered for the test from a throwaway dist-info folder."""
+    import importlib
+    import tomllib
+
+    from localmim_cli import registry
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    lines = []
+    for kind, (group, _) in registry.GROUPS.items():
+        declared = project["project"]["entry-points"].get(group, {})
+        installed = {r.name for r in registry.entries(kind)}
+        missing = {name: value for name, value in declared.items() if name not in installed}
+        if missing:
+            lines += [f"[{group}]"] + [f"{name} = {value}" for name, value in missing.items()]
+    if lines:
+        info = tmp_path / "localmim_checkout_plugins-0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: localmim-checkout-plugins\nVersion: 0\n")
+        (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        importlib.invalidate_caches()
+        registry.clear_cache()
+    yield
+    if lines:
+        monkeypatch.undo()
+        importlib.invalidate_caches()
+        registry.clear_cache()
+
+
 def to_authors_layout(state: dict) -> dict:
     """Our LocalMIM state dict in the published key layout (published.to_our_keys, inverted),
     with the fixed Sobel weights the published files carry, one per decoder."""

@@ -36,7 +36,9 @@ class PluginChoice(Strict):
 
 
 class DecoderSettings(Strict):
-    width: int = Field(256, ge=8, description="decoder embedding width (published ViT: 256)")
+    width: Annotated[int, Field(ge=8)] | list[Annotated[int, Field(ge=8)]] = Field(
+        256, description="decoder embedding width, or one per tap (published ViT: 256; Swin-B: "
+                         "[64, 128, 128, 128])")
     depth: int = Field(1, ge=1, description="transformer blocks per decoder (published: 1)")
     num_heads: int = Field(8, ge=1, description="attention heads (published ViT: 8)")
     mlp_ratio: float = Field(4.0, gt=0)

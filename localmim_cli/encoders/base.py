@@ -48,6 +48,9 @@ class MaskedEncoder(nn.Module):
     taps:       TapInfo for each tapped layer, lowest first
     tap_layers: the (1-indexed) layer numbers tapped, for display and checkpoints
     tap_unit:   what those numbers count, for display ("layer"; a hierarchical encoder: "stage")
+    mask_shared_by_batch: optional, default False; True asks LocalMIM for one mask per batch
+                (the first image's), as GreenMIM-style encoders are published; forward_taps
+                must still accept different masks per image
 
     What localmim relies on beyond the signatures (docs/plugins.md; `localmim_cli.plugins.testing`
     checks each): a tap's grid is the image side over its stride, and the stride and unit_px

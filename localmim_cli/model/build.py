@@ -23,10 +23,11 @@ def build_model(settings: ModelSettings) -> LocalMIM:
     enc_plugin = registry.encoder(settings.encoder.name)
     encoder = enc_plugin.build(encoder_options(settings), settings.img_size, settings.taps or None)
     d = settings.decoder
+    width = d.width if isinstance(d.width, int) else tuple(d.width)
     try:
         cells = cell_sizes(encoder, settings.scales)
         target = registry.target(settings.target.name).build(target_options(settings), cells)
-        return LocalMIM(encoder, target, settings.scales, DecoderShape(d.width, d.depth, d.num_heads, d.mlp_ratio),
+        return LocalMIM(encoder, target, settings.scales, DecoderShape(width, d.depth, d.num_heads, d.mlp_ratio),
                         settings.mask_ratio, settings.layer_norm_eps)
     except ModelError:
         raise

@@ -20,10 +20,20 @@ from localmim_cli.targets.base import ReconstructionTarget
 
 @dataclass(frozen=True)
 class DecoderShape:
-    width: int = 256
+    """width: one for every decoder, or one per tap (published Swin: C_dec/2 for the first tap)."""
+
+    width: int | tuple[int, ...] = 256
     depth: int = 1
     num_heads: int = 8
     mlp_ratio: float = 4.0
+
+    def widths(self, n_taps: int) -> list[int]:
+        if isinstance(self.width, int):
+            return [self.width] * n_taps
+        if len(self.width) != n_taps:
+            raise ValueError(f"{len(self.width)} decoder widths {list(self.width)} given for {n_taps} taps; "
+                             "give one width, or one per tap")
+        return list(self.width)
 
 
 @dataclass
@@ -72,13 +82,14 @@ class LocalMIM(nn.Module):
             raise ValueError(f"target built for cells {target.cells_px}, model needs {self.cells_px}")
         unit_h, unit_w = encoder.unit_grid
         decoders = []
-        for tap, layer, scale, dim in zip(encoder.taps, encoder.tap_layers, scales, target.dims):
+        widths = decoder.widths(len(encoder.taps))
+        for tap, layer, scale, dim, width in zip(encoder.taps, encoder.tap_layers, scales, target.dims, widths):
             grid = (unit_h * encoder.unit_px // tap.stride_px, unit_w * encoder.unit_px // tap.stride_px)
             if scale < 1 and (grid[0] % round(1 / scale) or grid[1] % round(1 / scale)):
                 raise ValueError(f"tap at layer {layer} has a {grid[0]}x{grid[1]} grid, which does "
                                  f"not divide by the pooling factor {round(1 / scale)} of scale {scale}")
             n_prefix = getattr(encoder, "n_prefix", 1 if getattr(encoder, "cls_token", None) is not None else 0)
-            decoders.append(LocalDecoder(tap.channels, grid, n_prefix, decoder.width, decoder.depth,
+            decoders.append(LocalDecoder(tap.channels, grid, n_prefix, width, decoder.depth,
                                          decoder.num_heads, decoder.mlp_ratio, scale, dim,
                                          layer_norm_eps))
         self.decoders = nn.ModuleList(decoders)
@@ -93,6 +104,8 @@ class LocalMIM(nn.Module):
             return masking_from_mask(mask.to(device))
         if noise is None:
             noise = torch.rand(batch, self.num_units, device=device)
+        if getattr(self.encoder, "mask_shared_by_batch", False):
+            noise = noise[:1].expand(batch, -1)  # one mask for the batch: the first image's
         return masking_from_noise(noise.to(device), self.mask_ratio)
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None,

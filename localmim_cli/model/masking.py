@@ -74,3 +74,20 @@ def mask_at_scale(mask: torch.Tensor, grid: tuple[int, int], scale: float) -> to
         factor = round(1 / scale)
         m = F.avg_pool2d(m, factor, stride=factor)
     return m.flatten(1)
+
+
+def unit_major_restore(ids_restore: torch.Tensor, grid: tuple[int, int], per_side: int) -> torch.Tensor:
+    """ids_restore of a grid `per_side` times finer than the unit grid, for encoders that keep
+    each mask unit's tokens together (hierarchical encoders).
+
+    Such an encoder's tokens are: the visible units in ids_keep order, then the hidden ones, each
+    unit as per_side x per_side tokens row by row. Returns, for every cell of the fine grid in
+    raster order, its position in that sequence: (B, L) -> (B, L * per_side**2).
+    """
+    rows, cols = grid[0] * per_side, grid[1] * per_side
+    y = torch.arange(rows, device=ids_restore.device).unsqueeze(1)
+    x = torch.arange(cols, device=ids_restore.device).unsqueeze(0)
+    unit = ((y // per_side) * grid[1] + x // per_side).reshape(-1)
+    offset = ((y % per_side) * per_side + x % per_side).reshape(-1)
+    batch = ids_restore.shape[0]
+    return ids_restore.gather(1, unit.expand(batch, -1)) * per_side**2 + offset

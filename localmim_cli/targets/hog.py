@@ -31,7 +31,7 @@ class HOGOptions(BaseModel):
                                           "(not in the published code; robust to rounding)")
 
 
-def _sobel_kernels() -> torch.Tensor:
+def sobel_kernels() -> torch.Tensor:
     # (2, 1, 3, 3): channel 0 ~ -d/dx, channel 1 its transpose ~ -d/dy (signs cancel: unsigned bins)
     k = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
     return torch.stack([k, k.t()]).unsqueeze(1)
@@ -44,7 +44,7 @@ class HOGTarget(ReconstructionTarget):
         self.cells_px = list(cells_px)
         self.nbins = options.nbins
         self.dims = [3 * options.nbins] * len(cells_px)
-        self.register_buffer("sobel", _sobel_kernels(), persistent=False)
+        self.register_buffer("sobel", sobel_kernels(), persistent=False)
         if options.bias:
             # One frozen bias pair per scale, drawn like PyTorch's default conv bias init
             # (U(-1/3, 1/3) for a 1x3x3 kernel), as each published HOG layer draws its own.

@@ -1,0 +1,87 @@
+"""The swin encoder as a timm SwinTransformer: for fine-tuning, export and classifier evaluation.
+
+Three differences of layout, none of function:
+- timm merges patches at the start of the next stage (`layers.k+1.downsample`), the published
+  pretraining model at the end of a stage (`layers.k.downsample`);
+- timm (like the published fine-tuning code and the original Swin) concatenates the 2x2
+  neighbours as (row, col) = (0,0), (1,0), (0,1), (1,1), pretraining as (0,0), (0,1), (1,0),
+  (1,1): the middle two C-wide chunks of the merge norm and of the reduction's inputs swap;
+- timm's final `norm` is our last tap norm.
+timm builds its LayerNorms with eps 1e-5 and takes no eps argument; the model returned here
+gets the encoder's eps (1e-6 as published), so its features equal `forward_features`. A model
+rebuilt from the architecture name and `model_args` alone (timm.create_model, as `export`
+checks) has eps 1e-5 again, which moves features by about 1e-5 (3e-5 measured on a small
+random Swin; tests/test_swin_encoder.py bounds it at export's 1e-4).
+Grids that windows do not tile are refused (timm pads them; this encoder cuts windows).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from localmim_cli.encoders.swin import MaskedSwin, SwinOptions
+
+
+def swap_merge_chunks(weight: torch.Tensor) -> torch.Tensor:
+    """Swap the 2nd and 3rd quarters of the last dimension (its own inverse): converts a merge
+    norm's (4C,) or a reduction's (2C, 4C) weights between the two neighbour orders."""
+    chunks = weight.unflatten(-1, (4, -1))
+    return chunks[..., [0, 2, 1, 3], :].flatten(-2).contiguous()
+
+
+def timm_architecture(options: "SwinOptions") -> str:
+    """A registered timm Swin name; `model_args` carries every size, so any Swin name would do."""
+    return f"{options.arch or 'swin_tiny'}_patch4_window7_224"
+
+
+def timm_model_args(options: "SwinOptions", img_size: int) -> dict[str, Any]:
+    """timm.create_model keyword arguments (JSON-ready) that give this encoder's structure."""
+    return {"img_size": img_size, "patch_size": options.patch_size, "window_size": options.window_size,
+            "embed_dim": options.embed_dim, "depths": list(options.depths), "num_heads": list(options.num_heads),
+            "mlp_ratio": options.mlp_ratio, "qkv_bias": options.qkv_bias, "drop_path_rate": options.drop_path}
+
+
+def timm_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our encoder's state dict (all stages built) -> timm SwinTransformer's (no head)."""
+    out = {}
+    last_norm = f"tap_norms.{max(int(k.split('.')[1]) for k in state if k.startswith('tap_norms.'))}."
+    for key, value in state.items():
+        if m := re.fullmatch(r"layers\.(\d+)\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)", key):
+            out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"] = swap_merge_chunks(value)
+        elif key.startswith(last_norm):
+            out["norm." + key[len(last_norm):]] = value
+        elif not key.startswith("tap_norms."):
+            out[key] = value
+    return out
+
+
+def to_timm_swin(encoder: "MaskedSwin") -> nn.Module:
+    import timm
+
+    options = encoder.options
+    n_stages = len(options.depths)
+    if encoder.tap_layers[-1] != n_stages:
+        raise NotImplementedError(f"to_timm() needs the last stage tapped (taps {encoder.tap_layers} of "
+                                  f"{n_stages} stages leave the top stages unbuilt)")
+    # timm pads a grid its windows do not divide and attends to the padding (and, shifted, rolls
+    # it into view); our windows are just cut at the border. They agree when windows tile.
+    for k, stage in enumerate(encoder.layers):
+        side = encoder.patch_grid // 2**k
+        if side % stage.window_size:
+            raise NotImplementedError(f"to_timm(): stage {k + 1}'s {side}x{side} grid is not a whole number of "
+                                      f"{stage.window_size}x{stage.window_size} windows, where timm's Swin pads "
+                                      "and differs from this encoder")
+    arch, args = timm_architecture(options), timm_model_args(options, encoder.img_size)
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **args)
+    model.load_state_dict(timm_state_dict(encoder.state_dict()))
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.eps = encoder.layer_norm_eps
+    model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "architecture": arch}
+    model.model_args = args
+    return model.to(next(encoder.parameters()).device).eval()

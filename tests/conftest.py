@@ -68,7 +68,7 @@ def photo_folder(tmp_path_factory) -> Path:
     """A nested folder of real photos (the built-in sample photos, as JPEG and PNG)."""
     from PIL import Image
 
-    from localmim_cli.data.images.sample_photos import sample_photo_paths
+    from localmim_cli.data.sample_photos import sample_photo_paths
 
     root = tmp_path_factory.mktemp("photos")
     for i, src in enumerate(sample_photo_paths()[:4]):

@@ -77,6 +77,22 @@ class OptimSettings(Strict):
     clip_grad: float | None = Field(None, gt=0, description="max gradient norm; empty = no clipping")
 
 
+class KnnSettings(Strict):
+    k: int = Field(20, ge=1, description="neighbours that vote (DINO: 20)")
+    temperature: float = Field(0.07, gt=0, description="votes weigh exp(cosine / temperature) (DINO: 0.07)")
+
+
+class MonitorSettings(KnnSettings):
+    """The online k-NN monitor of a pretraining run (off while `path` is empty)."""
+
+    path: Path | None = Field(None, description="labelled folder (one subfolder per class) to score "
+                                                "frozen features on; empty = no monitor")
+    every: int = Field(1, ge=1, description="epochs between measurements")
+    val_fraction: float = Field(0.3, gt=0, lt=1, description="share of each class used as queries; "
+                                                             "the rest vote")
+    batch_size: int = Field(64, ge=1, description="images per forward")
+
+
 class TrainSettings(Strict):
     epochs: int = Field(1600, ge=1)
     batch_size: int = Field(256, ge=1, description="images per device per micro-step")
@@ -90,6 +106,9 @@ class TrainSettings(Strict):
                                                        "(0 = at each epoch's end); the last step always")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     visualize_every: int = Field(0, ge=0, description="epochs between reconstruction figures (0 = never)")
+    loggers: list[str] = Field(["tensorboard"], description="where metrics go besides metrics.jsonl: "
+                               "tensorboard, mlflow, wandb, or a plugin of group localmim.loggers")
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
 
 
 class PretrainSettings(Strict):
@@ -196,11 +215,6 @@ class FinetuneSettings(Strict):
             raise ValueError(f"train.batch_size {self.train.batch_size} is odd; Mixup/CutMix in batch mode "
                              "pairs images, so use an even batch or turn mixing off (mixup.prob=0)")
         return self
-
-
-class KnnSettings(Strict):
-    k: int = Field(20, ge=1, description="neighbours that vote (DINO: 20)")
-    temperature: float = Field(0.07, gt=0, description="votes weigh exp(cosine / temperature) (DINO: 0.07)")
 
 
 class LinearProbeSettings(Strict):

@@ -48,6 +48,9 @@ class MaskedEncoder(nn.Module):
     taps:       TapInfo for each tapped layer, lowest first
     tap_layers: the (1-indexed) layer numbers tapped, for display and checkpoints
     tap_unit:   what those numbers count, for display ("layer"; a hierarchical encoder: "stage")
+    n_prefix:   optional, default 0; the prefix tokens (a ViT's cls) its taps carry. It only
+                sizes the decoders' stored position tables (one zero row per prefix token, as
+                published checkpoints store them); decoders read each TapOutput's n_prefix
     mask_shared_by_batch: optional, default False; True asks LocalMIM for one mask per batch
                 (the first image's), as GreenMIM-style encoders are published; forward_taps
                 must still accept different masks per image
@@ -63,6 +66,7 @@ class MaskedEncoder(nn.Module):
     taps: list[TapInfo]
     tap_layers: list[int]
     tap_unit: str = "layer"
+    n_prefix: int = 0
 
     def forward_taps(self, images: torch.Tensor, ids_keep: torch.Tensor,
                      ids_restore: torch.Tensor) -> list[TapOutput]:

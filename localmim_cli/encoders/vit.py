@@ -76,6 +76,8 @@ def default_vit_taps(depth: int) -> list[int]:
 
 
 class MaskedViT(MaskedEncoder):
+    n_prefix = 1  # the cls token
+
     def __init__(self, options: ViTOptions, img_size: int, tap_layers: list[int],
                  layer_norm_eps: float = 1e-6):
         super().__init__()

@@ -51,21 +51,31 @@ def check_scale(scale: float) -> None:
 
 
 class LocalDecoder(nn.Module):
-    def __init__(self, in_dim: int, grid: tuple[int, int], n_prefix: int, width: int, depth: int,
-                 num_heads: int, mlp_ratio: float, scale: float, out_dim: int, eps: float = 1e-6):
+    """Decodes one encoder tap, built for that tap's full grid.
+
+    Prefix tokens (a ViT's cls) take part in attention with a zero position and are dropped
+    before the head; how many there are is read off each TapOutput. `pos_prefix_rows` only
+    shapes the stored position table: that many zero rows ahead of the grid's, as the published
+    checkpoints store them (ViT: one, its cls slot), so those load key for key.
+    `label` names the encoder tap in errors ("layer 4").
+    """
+
+    def __init__(self, in_dim: int, grid: tuple[int, int], pos_prefix_rows: int, width: int, depth: int,
+                 num_heads: int, mlp_ratio: float, scale: float, out_dim: int, eps: float = 1e-6,
+                 label: str = "tap"):
         super().__init__()
         check_scale(scale)
         if width % num_heads:
             raise ValueError(f"decoder width {width} is not divisible by its {num_heads} heads")
         if scale >= 1 and width % (2 ** round(math.log2(scale))):
             raise ValueError(f"decoder width {width} cannot be halved {round(math.log2(scale))} times")
-        self.grid = grid
-        self.n_prefix = n_prefix
+        self.grid = tuple(grid)
+        self.label = label
         self.embed = nn.Linear(in_dim, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         pos = sincos_2d(width, *grid, cls_token=False)
-        pos = torch.cat([torch.zeros(1, n_prefix, width), pos], dim=1)  # prefix slots: zeros
-        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        pos = torch.cat([torch.zeros(1, pos_prefix_rows, width), pos], dim=1)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)  # (1, rows + h*w, width)
         norm = functools.partial(nn.LayerNorm, eps=eps)
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)
@@ -80,17 +90,22 @@ class LocalDecoder(nn.Module):
         xavier_linears_unit_norms(self)
 
     def forward(self, tap: TapOutput) -> torch.Tensor:
+        if tuple(tap.grid) != self.grid:
+            raise ValueError(f"encoder tap at {self.label} returned a {tap.grid[0]}x{tap.grid[1]} grid; its "
+                             f"decoder was built for {self.grid[0]}x{self.grid[1]} (image side / tap stride)")
+        h, w = self.grid
+        n_prefix = tap.n_prefix
         x = self.embed(tap.tokens)  # (B, P + n_vis, D)
-        prefix, visible = x[:, : self.n_prefix], x[:, self.n_prefix :]
+        prefix, visible = x[:, :n_prefix], x[:, n_prefix:]
         batch, n_cells = tap.ids_restore.shape
         mask_tokens = self.mask_token.expand(batch, n_cells - visible.shape[1], -1)
         x = torch.cat([visible, mask_tokens], dim=1)  # (B, h*w, D) in [visible..., masked...]
         x = torch.gather(x, 1, tap.ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = torch.cat([prefix, x], dim=1) + self.pos_embed
+        x = x + self.pos_embed[:, -h * w:]
+        x = torch.cat([prefix, x], dim=1)  # prefix positions are zeros: nothing to add
         for block in self.blocks:
             x = block(x)
-        x = self.norm(x)[:, self.n_prefix :]
-        h, w = self.grid
+        x = self.norm(x)[:, n_prefix:]
         x = x.transpose(1, 2).reshape(batch, -1, h, w)  # (B, D, h, w)
         x = self.pred(x)  # (B, out, h*s, w*s)
         return x.flatten(2).transpose(1, 2)  # (B, cells, out), row-major

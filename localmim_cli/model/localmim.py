@@ -88,10 +88,9 @@ class LocalMIM(nn.Module):
             if scale < 1 and (grid[0] % round(1 / scale) or grid[1] % round(1 / scale)):
                 raise ValueError(f"tap at layer {layer} has a {grid[0]}x{grid[1]} grid, which does "
                                  f"not divide by the pooling factor {round(1 / scale)} of scale {scale}")
-            n_prefix = getattr(encoder, "n_prefix", 1 if getattr(encoder, "cls_token", None) is not None else 0)
-            decoders.append(LocalDecoder(tap.channels, grid, n_prefix, width, decoder.depth,
+            decoders.append(LocalDecoder(tap.channels, grid, encoder.n_prefix, width, decoder.depth,
                                          decoder.num_heads, decoder.mlp_ratio, scale, dim,
-                                         layer_norm_eps))
+                                         layer_norm_eps, label=f"{encoder.tap_unit} {layer}"))
         self.decoders = nn.ModuleList(decoders)
 
     @property

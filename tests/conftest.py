@@ -57,6 +57,18 @@ def run_cli(*args: str | Path, env: dict[str, str] | None = None, cwd: Path | No
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: reproducible, and far faster than two threads on a busy 2-core box.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_TOML)

@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from localmim_cli.engine import checkpoints
-from localmim_cli.data.images import make_labelled_sample_set
 from localmim_cli.tasks.probes import knn_scores, mean_ci95, per_class_report, topk_accuracy
 from localmim_cli.config.schema import KnnSettings, PretrainSettings
-from test_finetune import invoke, one_thread, published_pth, shared  # noqa: F401  (one_thread: autouse)
+from labelled_photos import make_labelled_sample_set
+from tiny_runs import invoke, published_pth, shared
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHORT_PRETRAIN = {
     "model": {"img_size": 32, "taps": [1, 2], "scales": [2.0, 1.0],

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 
 from localmim_cli.engine import checkpoints
 from localmim_cli.tasks.features import EvalSamples, read_labelled
-from test_finetune import (CLASSES, invoke, one_thread, photo_sets, published_pth,  # noqa: F401
-                           run_main, tiny_pretrain_run)
+from tiny_runs import CLASSES, invoke, photo_sets, published_pth, run_main, tiny_pretrain_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def photo_batch(tmp_path_factory, n: int = 8) -> torch.Tensor:

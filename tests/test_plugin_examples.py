@@ -17,6 +17,8 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_TOML, cli_env, run_cli
+from fake_plugins import install_fake
+from labelled_photos import make_labelled_sample_set
 from localmim_cli.plugins.testing import check_encoder, check_target
 from localmim_cli.data.sample_photos import sample_photo_paths
 
@@ -129,7 +131,8 @@ def test_visualize_draws_each_example_run(runs, tmp_path):
     assert hiera["unit_px"] == 32 and hiera["mask_grid"] == [2, 2]
     assert hiera["tap_unit"] == "stage"  # Hiera's taps are stage numbers, and the figure says so
     assert json.loads((tmp_path / "fourier.json").read_text())["tap_unit"] == "layer"
-    assert "drawn by its plugin" in " ".join(json.loads((tmp_path / "fourier.json").read_text())["notes"])
+    from localmim_fourier import FourierAmplitudeTarget
+    assert json.loads((tmp_path / "fourier.json").read_text())["notes"][0] == FourierAmplitudeTarget.legend
 
 
 def test_examples_pass_the_conformance_helpers():
@@ -174,7 +177,6 @@ plugin = EncoderPlugin(name="notimm", api_version=1, options=vit.options, build=
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> Path:
-    from localmim_cli.data.images import make_labelled_sample_set
     return make_labelled_sample_set(tmp_path_factory.mktemp("labelled") / "train", n_per_class=4, size=64, seed=0)
 
 
@@ -217,8 +219,6 @@ def test_hiera_pretrain_run_exports_to_timm(runs, tmp_path):
 
 
 def test_finetune_refuses_an_encoder_plugin_without_to_timm(labelled, tmp_path):
-    from test_plugins import install_fake
-
     site = tmp_path / "site"
     site.mkdir()
     install_fake(site, "no-timm", "no_timm", NO_TIMM_ENCODER, {"localmim.encoders": {"notimm": "plugin"}})

@@ -1,10 +1,7 @@
 """Deliberately broken plugins, installed only for these tests, are reported by name and skipped;
 the rest of the CLI keeps working.
 
-Each fake plugin is a module file plus a `<dist>-0.1.dist-info/` folder (METADATA and
-entry_points.txt) in a temporary folder: on PYTHONPATH (the CLI in a subprocess) or on sys.path
-(in-process registry tests), importlib.metadata finds its entry points as it finds an installed
-wheel's.
+Each fake plugin is installed into a temporary folder by tests/fake_plugins.py.
 """
 
 from __future__ import annotations
@@ -18,6 +15,7 @@ import pytest
 import torch
 
 from conftest import cli_env, run_cli
+from fake_plugins import install_fake
 from localmim_cli.plugins import registry
 
 HEADER = """
@@ -76,19 +74,6 @@ EXPECTED_ERRORS = {  # name -> what `plugins list` must say about it
                    "localmim_cli.plugins.api.TargetPlugin"],
     "twin": ["twin-a", "twin-b", "broken", "name 'twin' is claimed by more than one plugin"],
 }
-
-
-def install_fake(root: Path, dist: str, module: str, code: str, groups: dict[str, dict[str, str]],
-                 version: str = "0.1") -> None:
-    (root / f"{module}.py").write_text(code)
-    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    lines = []
-    for group, names in groups.items():
-        lines.append(f"[{group}]")
-        lines += [f"{name} = {module}:{attr}" for name, attr in names.items()]
-    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
 
 
 @pytest.fixture(scope="module")

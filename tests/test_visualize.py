@@ -30,6 +30,7 @@ from localmim_cli.model.masking import keep_count
 from localmim_cli.data.sample_photos import sample_photo_paths
 from localmim_cli.seeding import derive_seed
 from localmim_cli.config.schema import DecoderSettings, ModelSettings, PluginChoice, PretrainSettings
+from localmim_cli.targets.base import ReconstructionTarget
 from localmim_cli.targets.hog import HOGOptions, HOGTarget
 from localmim_cli.targets.pixel import PixelOptions, PixelTarget
 from localmim_cli.data.prepared import prepare_image
@@ -178,7 +179,7 @@ def test_hog_glyph_length_and_size_follow_bin_weights_and_cell_size():
     cells[..., 9 + 0] = 0.5   # 10 degrees, half: summed over R, G, B blocks before drawing
     assert hog.render(cells, 4).shape == (16, 24, 3)    # at least 8 px per cell
     assert hog.render(cells, 16).shape == (32, 48, 3)
-    assert hog.render(cells, 16, glyph_px=32).shape == (64, 96, 3)
+    assert hog.render(cells, 16, zoom=2).shape == (64, 96, 3)
     img = hog.render(cells[:1, :1], 32)[..., 0]
     vertical = img[:, 15:17].max(axis=1) == 255
     assert vertical.sum() >= 28
@@ -241,6 +242,52 @@ def test_pixel_prediction_takes_the_true_cells_statistics():
     rgb = np.asarray([0.229, 0.224, 0.225]) * truth.numpy()[..., None] + [0.485, 0.456, 0.406]
     expected = np.repeat(np.repeat(rgb * 255, 16, axis=0), 16, axis=1)
     assert np.abs(drawn - expected).max() <= 0.5 + 1e-6
+
+
+class CellMeans(ReconstructionTarget):
+    """A target as a third-party plugin writes one: each cell's mean colour, drawn as flat tiles
+    at a zoom it asks for, with its own legend. Without `drawing` it has no render at all."""
+
+    legend = "Cell means: each cell's mean colour as a flat tile."
+    min_draw_px = 12
+
+    def __init__(self, cells_px: list[int], drawing: bool = True):
+        super().__init__()
+        self.cells_px, self.dims, self.drawing, self.zooms = list(cells_px), [3] * len(cells_px), drawing, []
+
+    def forward(self, images):
+        # (B, 3, H, W) -> (B, (H/c)*(W/c), 3)
+        return [torch.nn.functional.avg_pool2d(images, c).flatten(2).transpose(1, 2) for c in self.cells_px]
+
+    def render(self, cells, cell_px, image=None, *, zoom=None):
+        if not self.drawing:
+            raise NotImplementedError
+        self.zooms.append(zoom)
+        tiles = np.clip(np.asarray(cells) * 64 + 128, 0, 255).astype(np.uint8)
+        side = cell_px * zoom
+        return np.repeat(np.repeat(tiles, side, axis=0), side, axis=1)
+
+
+@pytest.mark.parametrize("drawing", [True, False])
+def test_plugin_targets_are_drawn_through_the_target_interface_alone(runs, tmp_path, drawing):
+    from localmim_cli.model.localmim import DecoderShape, LocalMIM
+    from localmim_cli.tasks.visualize import prepare_images, write_figure
+
+    encoder = runs["hog"]["model"].encoder
+    target = CellMeans([4, 8, 16, 32], drawing)
+    model = LocalMIM(encoder, target, [4.0, 2.0, 1.0, 0.5], DecoderShape(32, 1, 4)).eval()
+    images = prepare_images(photos(1), IMG)
+    side = write_figure(model, images, seeded_masks(0, 1, model.num_units, 0.75), tmp_path / "means.png",
+                        source="test", target_name="means", seed=0)
+    assert side["layout"]["panels"] == ["input", "masked"] + [f"scale{k}.{w}" for k in range(4)
+                                                              for w in ("target", "prediction")]
+    if drawing:
+        # 12 px per cell asked for, 4 px cells: every scale drawn at zoom 3, so panels are 3 x 64 px
+        assert target.zooms == [3] * 8 and side["layout"]["panel_px"] == 3 * IMG
+        assert side["notes"][0] == CellMeans.legend
+    else:
+        assert side["layout"]["panel_px"] == 2 * IMG  # 64 px maps, zoomed to the legible minimum
+        assert "it has no drawing: each cell's vector length" in side["notes"][0]
 
 
 def test_paste_keeps_visible_patches_exactly(runs):
@@ -387,10 +434,12 @@ def test_mask_from_replays_a_previous_figure(runs, capsys, monkeypatch):
 def test_progress_figure_uses_the_same_fixed_masks(runs, tmp_path):
     model = runs["hog"]["model"]
     model.train()
-    side = write_progress_figure(model, photos(2), tmp_path / "epoch-1.png", seed=0, title="epoch 1")
+    side = write_progress_figure(model, photos(2), tmp_path / "epoch-1.png", seed=0, target_name="hog",
+                                 title="epoch 1")
     assert model.training  # mode restored
     model.eval()
-    again = write_progress_figure(model, photos(2), tmp_path / "epoch-2.png", seed=0, title="epoch 1")
+    again = write_progress_figure(model, photos(2), tmp_path / "epoch-2.png", seed=0, target_name="hog",
+                                  title="epoch 1")
     assert (tmp_path / "epoch-1.png").read_bytes() == (tmp_path / "epoch-2.png").read_bytes()
     expected = seeded_masks(0, 2, 16, 0.75).int().tolist()  # as `visualize --seed 0` draws them
     assert [i["mask"] for i in side["images"]] == expected == [i["mask"] for i in again["images"]]

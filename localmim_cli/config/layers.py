@@ -74,12 +74,6 @@ class Resolved:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1) + "\n"
 
-    def to_toml(self) -> str:
-        """The resolved values as TOML, for reading. TOML has no null: unset values appear as
-        comments, so this round-trips only where every unset value is also unset by default;
-        settings.json (`to_json`) is the canonical, always-faithful form."""
-        return dump_toml(self.to_dict())
-
     def provenance_dict(self) -> dict[str, Any]:
         return {"layers": list(self.layers), "sources": dict(self.provenance)}
 
@@ -488,56 +482,3 @@ def _schema_paths(model: type[BaseModel], prefix: Key = ()) -> list[Key]:
         if sub is not None:
             out += _schema_paths(sub, prefix + (name,))
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing
-
-
-def dump_toml(tree: dict[str, Any]) -> str:
-    """A nested dict of scalars, lists and None as TOML; None becomes a comment (TOML has no null)."""
-    lines: list[str] = []
-
-    def table(node: dict[str, Any], path: Key) -> None:
-        scalars = [(k, v) for k, v in node.items() if not (isinstance(v, dict) and v)]
-        tables = [(k, v) for k, v in node.items() if isinstance(v, dict) and v]
-        if path and (scalars or not tables):
-            lines.append(("\n" if lines else "") + f"[{'.'.join(_toml_key(p) for p in path)}]")
-        for k, v in scalars:
-            if v is None:
-                lines.append(f"# {_toml_key(k)} is unset (null)")
-            else:
-                lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
-        for k, v in tables:
-            table(v, path + (k,))
-
-    table(tree, ())
-    return "\n".join(lines) + "\n"
-
-
-def _toml_key(key: str) -> str:
-    return key if key and all(c.isalnum() or c in "-_" for c in key) else json.dumps(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if value != value:
-            return "nan"
-        if value in (float("inf"), float("-inf")):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        if any(v is None for v in value):
-            raise ValueError(f"TOML cannot hold null inside a list: {value!r}")
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        if any(v is None for v in value.values()):
-            raise ValueError(f"TOML cannot hold null: {value!r}")
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML: {value!r}")

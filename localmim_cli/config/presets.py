@@ -7,9 +7,11 @@ A preset file has two tables:
                  world_size (how many processes the recipe was written for; default 1)
     [settings]   values nested like the settings schema; they form the "preset" layer
 
-A preset name may also be the path of such a file (a user's own preset). The batch arithmetic
-the recipes are written in lives here too, so `presets show` and the training loop agree:
-effective batch = batch_size x accum_steps x world size; lr = base_lr x effective batch / 256.
+A preset name may also be the path of such a file (a user's own preset). The batch and lr
+arithmetic the recipes are written in lives here too (`effective_batch`, `scaled_lr`):
+effective batch = batch_size (per device) x accum_steps x world size, and the learning rate is
+optim.lr when that is set (absolute), else base_lr x effective batch / 256 (MAE's rule, which
+the published recipes follow).
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 PACKAGE = "localmim_cli.presets"
-
-
 
 
 class _Header(BaseModel):
@@ -154,7 +154,9 @@ def scaled_lr(settings: Any, world_size: int = 1) -> float:
 
 
 def scaling_line(settings: Any, world_size: int = 1) -> str:
-    """One line showing the arithmetic, e.g. for `presets show` and the start of a run."""
+    """The arithmetic of `effective_batch` and `scaled_lr` for `world_size` processes, as one
+    line: "effective batch B per device x A accumulation x W devices = E; lr = base_lr x E / 256
+    = lr", or the absolute optim.lr when that is set."""
     batch = _lookup(settings, "train.batch_size")
     accum = _lookup(settings, "train.accum_steps") or 1
     eff = effective_batch(settings, world_size)

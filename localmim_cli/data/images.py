@@ -511,29 +511,3 @@ def split_indices(labels: Sequence[int], val_fraction: float, seed: int) -> tupl
         val += shuffled[:n_val]
         train += shuffled[n_val:]
     return sorted(train), sorted(val)
-
-
-def make_labelled_sample_set(out_dir: Path, n_per_class: int, size: int, seed: int = 0, *,
-                             crop_scale: tuple[float, float] = (0.2, 1.0)) -> Path:
-    """Write a small ImageFolder of real photos, offline: class = the sample photo a crop is from.
-
-    out_dir/<photo stem>/<photo stem>_<k>.png, n_per_class seeded random-resized crops of
-    size x size pixels per sample photo, plus SOURCES.txt crediting the photos. Refuses a
-    non-empty out_dir, so stale crops from another call never mix in. Returns out_dir.
-    """
-    from localmim_cli.data.sample_photos import SAMPLE_PHOTOS_CREDIT, sample_photo_paths
-
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise DataError(f"{out_dir}: not empty; give a new or empty folder for the sample set")
-    for photo in sample_photo_paths():
-        image = load_rgb(photo)
-        class_dir = out_dir / photo.stem
-        class_dir.mkdir(parents=True, exist_ok=True)
-        for k in range(n_per_class):
-            rng = generator_for(seed, "sample-set", photo.stem, k)
-            top, left, h, w = random_resized_crop_params(*image.size, crop_scale, CROP_RATIO, rng)
-            crop = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
-            crop.save(class_dir / f"{photo.stem}_{k:04d}.png")
-    (out_dir / "SOURCES.txt").write_text(SAMPLE_PHOTOS_CREDIT + "\n")
-    return out_dir

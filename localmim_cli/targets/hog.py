@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from localmim_cli.plugins.api import TargetPlugin
-from localmim_cli.targets.base import TARGET_API_VERSION, ReconstructionTarget
+from localmim_cli.targets.base import TARGET_API_VERSION, ReconstructionTarget, zoom_for
 
 
 class HOGOptions(BaseModel):
@@ -94,13 +95,18 @@ class HOGTarget(ReconstructionTarget):
                 targets.append(pooled.reshape(batch, n_chan * self.nbins, h * w).transpose(1, 2))
         return targets
 
-    def render(self, cells, cell_px: int, image=None, *, glyph_px: int | None = None) -> np.ndarray:
+    legend = ("HOG: one line glyph per cell and orientation bin, along the edge direction of the bin "
+              "(perpendicular to its gradient), length and brightness = (bin - cell's smallest bin) / "
+              "(largest - smallest); R, G and B histograms summed. Predictions drawn the same way.")
+    min_draw_px = 8  # a glyph needs room for its angle to be seen
+
+    def render(self, cells, cell_px: int, image=None, *, zoom: int | None = None) -> np.ndarray:
         """Draw HOG cells as oriented line glyphs, white on black, one glyph per cell.
 
         cells: (h, w, 3 * nbins), the R, G, B histograms of each cell (a target or a prediction);
         the three channel blocks are summed to one histogram, negative weights count as 0.
-        Returns (h * g, w * g, 3) uint8 with g = glyph_px, by default cell_px * ceil(8 / cell_px)
-        (at least 8 px per cell, so 4-px cells stay legible; g = cell_px from 8 px cells up).
+        Returns (h * g, w * g, 3) uint8 with g = cell_px * zoom pixels per glyph; zoom by default
+        the smallest giving at least 8 px (so 4-px cells stay legible; 1 from 8 px cells up).
 
         Angle: bin b holds gradients whose phase atan2(gx, gy) lies in [b, b + 1) * 180/nbins
         degrees. With this target's Sobel signs (gx ~ -d/dx, gy ~ -d/dy, rows downward) that
@@ -116,8 +122,6 @@ class HOGTarget(ReconstructionTarget):
         bin is usually 0, both ways agree. Overlapping glyphs keep the brighter.
         `image` is not used.
         """
-        import numpy as np
-
         del image
         weights = cells.detach().cpu().double().numpy() if torch.is_tensor(cells) else np.asarray(cells, np.float64)
         if weights.ndim != 3 or weights.shape[-1] % 3:
@@ -128,7 +132,7 @@ class HOGTarget(ReconstructionTarget):
         low = hist.min(axis=-1, keepdims=True)
         span = hist.max(axis=-1, keepdims=True) - low
         rel = np.divide(hist - low, span, out=np.zeros_like(hist), where=span > 0)
-        g = int(glyph_px) if glyph_px else cell_px * math.ceil(8 / cell_px)
+        g = cell_px * (int(zoom) if zoom else zoom_for(self.min_draw_px, [cell_px]))
         offsets = np.arange(g) + 0.5 - g / 2  # pixel centres relative to the cell centre
         col, row = np.meshgrid(offsets, offsets)  # (g, g), indexed [row, col]
         half_length = max(g / 2 - 1, 0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,11 +32,21 @@ def cell_statistics(cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PixelTarget(ReconstructionTarget):
+    draws_pixels = True
+
     def __init__(self, options: PixelOptions, cells_px: list[int]):
         super().__init__()
         self.options = options
         self.cells_px = list(cells_px)
         self.dims = [3 * c * c for c in cells_px]
+
+    @property
+    def legend(self) -> str:
+        if not self.options.normalize:
+            return "Pixel predictions: the predicted pixels as they are, ImageNet mean and std undone."
+        return ("Pixel predictions: pixels un-normalized with true cell statistics (each predicted "
+                "cell gets the mean and variance of the true cell, as MAE's demo does), so their "
+                "brightness and contrast come from the input.")
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         with torch.autocast(device_type=images.device.type, enabled=False):
@@ -58,8 +69,6 @@ class PixelTarget(ReconstructionTarget):
         from the truth. Then ImageNet mean/std are undone and values rounded and clipped to 0..255.
         Rendering the target itself this way gives back the input pixels.
         """
-        import numpy as np
-
         from localmim_cli.data.prepared import to_uint8
 
         x = torch.as_tensor(cells).detach().cpu().double()

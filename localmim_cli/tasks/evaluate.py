@@ -33,14 +33,10 @@ def native_img_size(weights: "EncoderWeights") -> int:
     return int(weights.meta["settings"]["model"]["img_size"])
 
 
-def has_head(weights: "EncoderWeights") -> bool:
-    return weights.has_head
-
-
 def choose_protocol(requested: str, weights: "EncoderWeights") -> str:
     if requested == "auto":
-        return "classifier" if has_head(weights) else "knn"
-    if requested == "classifier" and not has_head(weights):
+        return "classifier" if weights.has_head else "knn"
+    if requested == "classifier" and not weights.has_head:
         raise UsageError(f"--protocol classifier needs a fine-tuned model with a classifier head; "
                          f"{weights.source} is a {weights.kind} encoder: use --protocol knn, linear or fewshot")
     return requested

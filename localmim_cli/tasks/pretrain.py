@@ -178,7 +178,7 @@ def _train(resolved: Resolved, run_dir: Path, resume: bool, console: Console,
 
     def on_epoch_end(position: Position) -> None:
         if tr.visualize_every and position.epoch % tr.visualize_every == 0 and world.is_main:
-            _progress_figure(model, paths, run_dir, position.epoch, tr.seed)
+            _progress_figure(model, settings.model.target.name, paths, run_dir, position.epoch, tr.seed)
 
     loop = Loop(net=net, model=model, optimizer=optimizer, scaler=scaler, world=world, device=device,
                 precision=precision, train=tr, optim=opt_s, lr=lr, steps_per_epoch=steps_per_epoch,
@@ -207,8 +207,9 @@ class _EpochBatches:
             yield [(self.inner.epoch, index) for index in batch]
 
 
-def _progress_figure(model: LocalMIM, paths: list[Path], run_dir: Path, epoch: int, seed: int) -> None:
+def _progress_figure(model: LocalMIM, target_name: str, paths: list[Path], run_dir: Path, epoch: int,
+                     seed: int) -> None:
     """The same few images under the same masks every time, so figures compare across epochs."""
     from localmim_cli.tasks.visualize import write_progress_figure
     write_progress_figure(model, paths[:4], run_dir / "figures" / f"epoch-{epoch:04d}.png", seed,
-                          title=f"epoch {epoch}")
+                          target_name=target_name, title=f"epoch {epoch}")

@@ -28,13 +28,7 @@ if TYPE_CHECKING:
 DEFAULT_FIGURE = "reconstruction.png"
 MIN_PANEL_PX = 128
 MAX_IMAGES = 64   # rows in one figure
-PIXEL_NOTE = ("Pixel predictions: pixels un-normalized with true cell statistics (each predicted "
-              "cell gets the mean and variance of the true cell, as MAE's demo does), so their "
-              "brightness and contrast come from the input. Pasted panels: visible patches are the "
-              "input pixels, hidden patches the prediction.")
-HOG_NOTE = ("HOG: one line glyph per cell and orientation bin, along the edge direction of the bin "
-            "(perpendicular to its gradient), length and brightness = (bin - cell's smallest bin) / "
-            "(largest - smallest); R, G and B histograms summed. Predictions drawn the same way.")
+PASTE_NOTE = "Pasted panels: visible patches are the input pixels, hidden patches the prediction."
 LOSS_NOTE = "Loss: masked mean squared error of each scale on this image (hidden cells only)."
 
 
@@ -260,29 +254,28 @@ def reconstruct(model: "LocalMIM", images: list["PreparedImage"], masks: "torch.
     return results
 
 
-def _draw(target, cells, cell_px: int, image, glyph_px: int | None):
-    """Plugin's drawing of (h, w, dim) cells; a grey map of vector lengths when it has none."""
-    import inspect
-
+def _draw(target, cells, cell_px: int, image, zoom: int):
+    """The target's drawing of (h, w, dim) cells, and whether it has one (else a grey map of
+    vector lengths). zoom goes only to targets that ask for more than a cell's pixels."""
     from localmim_cli.tasks.figure import vector_length_map
 
     try:
-        if glyph_px is not None and "glyph_px" in inspect.signature(target.render).parameters:
-            return target.render(cells, cell_px, image, glyph_px=glyph_px), True
+        if zoom > 1:
+            return target.render(cells, cell_px, image, zoom=zoom), True
         return target.render(cells, cell_px, image), True
     except NotImplementedError:
         return vector_length_map(cells.numpy(), cell_px), False
 
 
-def build_rows(model: "LocalMIM", results: list[ImageResult], target_name: str):
+def build_rows(model: "LocalMIM", results: list[ImageResult]):
     """Panels per image: input | masked input | per scale: target | prediction [| pasted]."""
-    import math
-
+    from localmim_cli.targets.base import zoom_for
     from localmim_cli.tasks.figure import Panel, masked_view, paste_visible
 
     unit_px, grid = model.encoder.unit_px, model.encoder.unit_grid
-    pixel_like = target_name == "pixel"
-    glyph_scale = max(math.ceil(8 / c) for c in model.cells_px)
+    target = model.target
+    zoom = zoom_for(target.min_draw_px, model.cells_px)  # one for all scales: panels line up
+    tap_unit = model.encoder.tap_unit
     rows, drawable = [], True
     for result in results:
         img = result.image
@@ -290,20 +283,27 @@ def build_rows(model: "LocalMIM", results: list[ImageResult], target_name: str):
         row = [Panel(img.pixels, ["input", img.path.name], "input"),
                Panel(masked_view(img.pixels, result.mask, grid, unit_px),
                      ["masked input", f"{hidden} of {len(result.mask)} patches hidden"], "masked")]
-        tap_unit = getattr(model.encoder, "tap_unit", "layer")
         for k, s in enumerate(result.scales):
-            glyph = s.cell_px * glyph_scale
-            target_px, ok_t = _draw(model.target, s.target, s.cell_px, img.tensor, glyph)
-            pred_px, ok_p = _draw(model.target, s.pred, s.cell_px, img.tensor, glyph)
+            target_px, ok_t = _draw(target, s.target, s.cell_px, img.tensor, zoom)
+            pred_px, ok_p = _draw(target, s.pred, s.cell_px, img.tensor, zoom)
             drawable &= ok_t and ok_p
             row.append(Panel(target_px, [f"scale {k + 1} target", f"{tap_unit} {s.layer}, {s.cell_px} px cells"],
                              f"scale{k}.target"))
             row.append(Panel(pred_px, [f"scale {k + 1} prediction", f"loss {s.loss:.4f}"], f"scale{k}.prediction"))
-            if pixel_like and pred_px.shape == img.pixels.shape:
+            if target.draws_pixels and ok_p and pred_px.shape == img.pixels.shape:
                 row.append(Panel(paste_visible(pred_px, img.pixels, result.mask, grid, unit_px),
                                  [f"scale {k + 1} pasted", "visible = input"], f"scale{k}.pasted"))
         rows.append(row)
     return rows, drawable
+
+
+def figure_notes(target, target_name: str, drawable: bool) -> list[str]:
+    """What the figure's drawings mean, in the target's own words where it gives them."""
+    if not drawable:
+        drawing = f"Target {target_name!r}: drawn by its plugin (it has no drawing: each cell's vector length)"
+    else:
+        drawing = target.legend or f"Target {target_name!r}: drawn by its plugin"
+    return [drawing, *([PASTE_NOTE] if target.draws_pixels and drawable else []), LOSS_NOTE]
 
 
 def write_figure(model: "LocalMIM", images: list["PreparedImage"], masks: "torch.Tensor", out_png: Path,
@@ -316,11 +316,8 @@ def write_figure(model: "LocalMIM", images: list["PreparedImage"], masks: "torch
 
     out_png = Path(out_png)
     results = reconstruct(model, images, masks)
-    rows, drawable = build_rows(model, results, target_name)
-    notes = [PIXEL_NOTE if target_name == "pixel" else HOG_NOTE if target_name == "hog" else
-             f"Target {target_name!r}: drawn by its plugin" + ("" if drawable else
-                                                              " (it has no drawing: each cell's vector length)"),
-             LOSS_NOTE]
+    rows, drawable = build_rows(model, results)
+    notes = figure_notes(model.target, target_name, drawable)
     if mask_from is None and mask_ratio is None:
         mask_ratio = model.mask_ratio
     mask_text = f"masks from {mask_from.name}" if mask_from else f"seed {seed}, mask ratio {mask_ratio:g}"
@@ -341,7 +338,7 @@ def write_figure(model: "LocalMIM", images: list["PreparedImage"], masks: "torch
         "mask_grid": list(model.encoder.unit_grid),
         "cells_px": list(model.cells_px),
         "tap_layers": list(model.encoder.tap_layers),
-        "tap_unit": getattr(model.encoder, "tap_unit", "layer"),
+        "tap_unit": model.encoder.tap_unit,
         "scales": list(model.scales),
         "notes": notes,
         "layout": {**layout.as_dict(), "panels": [p.name for p in rows[0]]},
@@ -361,7 +358,7 @@ def prepare_images(paths: list[Path], size: int) -> list["PreparedImage"]:
 
 
 def write_progress_figure(model, image_paths: list[Path], out_png: Path, seed: int,
-                          *, title: str | None = None) -> dict[str, Any]:
+                          *, target_name: str, title: str | None = None) -> dict[str, Any]:
     """A reconstruction figure of the model as it trains (call every N epochs, on the main process).
 
     Fixed images and masks (seeded as `visualize --seed` seeds them, at the model's mask ratio),
@@ -369,7 +366,6 @@ def write_progress_figure(model, image_paths: list[Path], out_png: Path, seed: i
     gradients off and puts the model back into the mode it was in. Returns the sidecar.
     """
     model = getattr(model, "module", model)  # DistributedDataParallel
-    target_name = _target_name(model)
     was_training = model.training
     model.eval()
     try:
@@ -380,16 +376,6 @@ def write_progress_figure(model, image_paths: list[Path], out_png: Path, seed: i
                             target_name=target_name, seed=seed, mask_ratio=model.mask_ratio)
     finally:
         model.train(was_training)
-
-
-def _target_name(model) -> str:
-    from localmim_cli.targets.hog import HOGTarget
-    from localmim_cli.targets.pixel import PixelTarget
-    if isinstance(model.target, HOGTarget):
-        return "hog"
-    if isinstance(model.target, PixelTarget):
-        return "pixel"
-    return type(model.target).__name__
 
 
 def default_out(checkpoint: Path) -> Path:

@@ -43,6 +43,10 @@ def spectrum_shape(cell: int) -> tuple[int, int]:
 
 
 class FourierAmplitudeTarget(ReconstructionTarget):
+    legend = ("Fourier: one tile per cell, its amplitude spectrum with the zero frequency at the "
+              "centre and R, G, B spectra as R, G, B; each tile stretched from its own minimum "
+              "(black) to maximum (white). Predictions drawn the same way.")
+
     def __init__(self, options: FourierOptions, cells_px: list[int]):
         super().__init__()
         small = [c for c in cells_px if c < 2]

@@ -11,7 +11,7 @@ import typer
 
 from localmim_cli.version import __version__
 from localmim_cli.cli import config as config_cmd
-from localmim_cli.cli import evaluate, export, finetune, plot, plugins, presets, pretrain, visualize
+from localmim_cli.cli import benchmark, evaluate, export, finetune, plot, plugins, presets, pretrain, visualize
 from localmim_cli.cli import runs as runs_cmd
 from localmim_cli.cli.output import console, err_console
 from localmim_cli.errors import UserError
@@ -30,6 +30,7 @@ app.command("visualize")(visualize.visualize)
 app.command("finetune")(finetune.finetune)
 app.command("evaluate")(evaluate.evaluate)
 app.command("export")(export.export)
+app.command("benchmark")(benchmark.benchmark)
 app.command("plot")(plot.plot)
 app.add_typer(presets.app, name="presets")
 app.add_typer(config_cmd.app, name="config")

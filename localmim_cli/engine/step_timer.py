@@ -1,0 +1,48 @@
+"""Wall time of single steps, correct on a GPU: kernels run after the host call returns.
+
+On CUDA each step is bracketed by CUDA events and read once, after one synchronize at the end,
+so timing adds no host synchronisation between steps. On other devices each step is timed with
+perf_counter around the call, which is where the work happens.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], steps: int, device: torch.device,
+               after_each: Callable[[], None] | None = None) -> list[float]:
+    """Run `step` `steps` times; the seconds each took. `after_each` runs untimed between steps."""
+    synchronize(device)   # work queued before us must not land in the first step
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+            if after_each is not None:
+                after_each()
+        synchronize(device)
+        return [start.elapsed_time(end) / 1e3 for start, end in events]
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+        if after_each is not None:
+            after_each()
+    return seconds
+
+
+def median(seconds: list[float]) -> float:
+    return statistics.median(seconds)

@@ -1,0 +1,35 @@
+"""How many threads torch's CPU operators get: the cores the loader workers leave free."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    intra_op: int
+    cores: int
+    reason: str
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a CPU set or container limit can be below cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        return os.cpu_count() or 1
+
+
+def choose_intra_op_threads(device: torch.device, loader_workers: int) -> ThreadChoice:
+    """On a CPU the step and the loader workers share the cores: give the step what the workers
+    leave (at least one); OMP_NUM_THREADS, when set, wins. On a GPU torch's default stands."""
+    cores = usable_cores()
+    if device.type != "cpu":
+        return ThreadChoice(torch.get_num_threads(), cores, "torch default (the step runs on the GPU)")
+    if os.environ.get("OMP_NUM_THREADS"):
+        return ThreadChoice(torch.get_num_threads(), cores, "from OMP_NUM_THREADS")
+    threads = max(1, cores - loader_workers)
+    return ThreadChoice(threads, cores, f"{cores} cores less {loader_workers} loader worker(s), at least 1")

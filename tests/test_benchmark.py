@@ -1,0 +1,166 @@
+"""`localmim benchmark`: the real command on a tiny model, the published HOG it times against,
+and the measuring helpers it is built from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from localmim_cli.data.images import load_rgb, to_tensor
+from localmim_cli.data.sample_photos import sample_photo_paths
+from localmim_cli.engine.peak_memory import PeakMemory
+from localmim_cli.engine.step_timer import time_steps
+from localmim_cli.targets.hog import HOGOptions, HOGTarget
+from localmim_cli.targets.hog_reference import PublishedHOG
+from localmim_cli.tasks.benchmark import RATIO_KEYS
+from conftest import run_cli
+
+TINY_SWIN_TOML = """
+[model]
+img_size = 64
+taps = [1, 2, 3, 4]
+scales = [1.0, 1.0, 1.0, 1.0]
+
+[model.encoder]
+name = "swin"
+options = { patch_size = 4, embed_dim = 16, depths = [1, 1, 1, 1], num_heads = [1, 2, 2, 4], window_size = 2 }
+
+[model.target]
+name = "hog"
+options = { nbins = 18, bias = true }
+
+[model.decoder]
+width = [16, 32, 32, 32]
+num_heads = 4
+"""
+
+FIGURES = ("img_per_s", "step_ms", "peak_memory_bytes", "flops_per_image", "tflops")
+
+
+def run_json(*args) -> dict:
+    result = run_cli("benchmark", *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)   # stdout is exactly one JSON object
+
+
+def check_ratios(ratios: dict, top: dict, bottom: dict) -> None:
+    assert set(ratios) == set(RATIO_KEYS)
+    for key in RATIO_KEYS:
+        assert ratios[key] == pytest.approx(top[key] / bottom[key], rel=1e-12), key
+
+
+def check_entry(entry: dict, steps: int, batch: int) -> None:
+    for key in FIGURES:
+        assert entry[key] > 0, key
+    assert len(entry["step_ms_all"]) == steps
+    assert entry["img_per_s"] == pytest.approx(batch / (entry["step_ms"] / 1e3), rel=1e-9)
+    assert entry["parameters"] > 0
+
+
+def test_benchmark_json_on_a_tiny_config(tiny_config):
+    out = run_json("--config", tiny_config, "--steps", "3", "--warmup", "1")
+    assert out["device"] == "cpu" and out["batch_size"] == 4 and out["steps"] == 3 and out["warmup"] == 1
+    assert out["threads"]["intra_op"] >= 1 and out["threads"]["reason"]
+    assert out["memory_method"]
+    for key in ("configured", "baseline"):
+        check_entry(out[key], steps=3, batch=4)   # the tiny config's batch
+    assert out["baseline"]["precision"] == "fp32" and out["configured"]["precision"] == "fp32"
+    assert "published" in out["baseline"]["what"]
+    check_ratios(out["vs_baseline"], out["configured"], out["baseline"])
+    assert "against" not in out and "vs_against" not in out
+
+    data = out["data"]
+    assert data["source"] == "built-in sample photos" and data["images"] == len(sample_photo_paths())
+    assert data["workers"] == 0
+    assert data["loader_img_per_s"] > 0 and data["fed_img_per_s"] > 0
+    assert 0 <= data["data_wait_share"] <= 1
+    assert data["step_img_per_s"] == out["configured"]["img_per_s"]
+    assert data["loader_over_step"] == pytest.approx(data["loader_img_per_s"] / data["step_img_per_s"], rel=1e-12)
+
+
+def test_against_times_a_second_configuration_at_the_same_batch(tiny_config, tmp_path):
+    swin = tmp_path / "swin.toml"
+    swin.write_text(TINY_SWIN_TOML)
+    out = run_json("--config", tiny_config, "--against", swin, "--steps", "2", "--warmup", "0",
+                   "--batch-size", "2")
+    assert out["batch_size"] == 2
+    assert out["against"]["encoder"] == "swin" and out["against"]["label"] == str(swin)
+    assert out["configured"]["encoder"] == "vit"
+    for key in ("configured", "baseline", "against"):
+        check_entry(out[key], steps=2, batch=2)
+    check_ratios(out["vs_against"], out["configured"], out["against"])
+    check_ratios(out["vs_baseline"], out["configured"], out["baseline"])
+
+
+def test_the_human_report_names_the_baseline_and_the_ratio(tiny_config):
+    result = run_cli("benchmark", "--config", tiny_config, "--steps", "1", "--warmup", "0")
+    assert result.returncode == 0, result.stderr
+    assert "tiny.toml / baseline" in result.stdout
+    assert "published" in result.stdout and "loader" in result.stdout and "intra-op" in result.stdout
+    # progress goes to stderr, one line per phase when stderr is not a terminal
+    assert "baseline step" in result.stderr and "loader feeding the step" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--warmup", "-1"], "--warmup must be 0 or more"),
+    (["--against", "no-such-preset"], "no preset named 'no-such-preset'"),
+])
+def test_a_bad_flag_is_a_one_line_error(tiny_config, args, message):
+    result = run_cli("benchmark", "--config", tiny_config, *args, "--json")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+# --------------------------------------------------------------------- the published HOG
+
+
+def real_photos(size: int) -> torch.Tensor:
+    """The sample photos, squashed to size x size, ImageNet-normalized: (N, 3, size, size)."""
+    return torch.stack([to_tensor(load_rgb(p).resize((size, size))) for p in sample_photo_paths()])
+
+
+@pytest.mark.parametrize("nbins, bias", [(9, False), (18, True)])
+def test_published_hog_equals_ours_on_real_photos(nbins, bias):
+    torch.manual_seed(0)
+    images = real_photos(64)
+    cells = [4, 8, 16, 32]
+    ours = HOGTarget(HOGOptions(nbins=nbins, bias=bias), cells)
+    published = PublishedHOG(nbins, cells, ours.sobel_bias)
+    assert published.dims == ours.dims and published.cells_px == ours.cells_px
+    for a, b in zip(ours(images), published(images)):
+        assert a.shape == b.shape == (len(images), a.shape[1], 3 * nbins)
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+
+
+def test_published_hog_runs_the_pipeline_once_per_scale_and_channel():
+    published = PublishedHOG(9, [4, 8])
+    calls = []
+    for layer in published.layers:
+        layer.conv.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[1]))
+    published(torch.randn(2, 3, 16, 16))
+    assert calls == [1] * 6   # 2 scales x 3 colour channels, one channel each
+
+
+# --------------------------------------------------------------------- measuring helpers
+
+
+def test_time_steps_times_each_step():
+    seen = []
+    seconds = time_steps(lambda: seen.append(1), 4, torch.device("cpu"), after_each=lambda: seen.append(0))
+    assert len(seconds) == 4 and all(s >= 0 for s in seconds)
+    assert seen == [1, 0] * 4
+
+
+def test_peak_memory_sees_a_short_lived_allocation():
+    size = 64 * 2**20
+    with PeakMemory(torch.device("cpu")) as peak:
+        block = torch.ones(size // 4)   # float32, every page touched
+        del block
+    assert peak.method
+    assert peak.bytes >= 0.9 * size

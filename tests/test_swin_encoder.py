@@ -16,7 +16,7 @@ from localmim_cli.encoders.swin import (MaskedSwin, SwinOptions, build_swin, plu
 from localmim_cli.encoders.swin_blocks import WindowAttention
 from localmim_cli.encoders.swin_groups import (grid_coords, one_group, packed_groups, window_ids,
                                                window_partition)
-from localmim_cli.encoders.swin_timm import swap_merge_chunks
+from localmim_cli.encoders.swin_timm import swap_merge_chunks, timm_architecture
 from localmim_cli.model.masking import masking_from_noise
 
 TINY = {"arch": None, "embed_dim": 16, "depths": [2, 2, 2, 2], "num_heads": [1, 2, 2, 4]}
@@ -122,6 +122,18 @@ def test_to_timm_gives_the_same_features_and_rebuilds_from_its_name(img_size, wi
     # timm's LayerNorm eps is 1e-5 and cannot be passed: within export's 1e-4, exact otherwise
     assert (ours - default_eps).abs().max().item() < 1e-4
     assert (ours - same_eps).abs().max().item() < 1e-5
+
+
+def test_timm_name_says_the_size_whatever_arch_filled():
+    assert timm_architecture(SwinOptions()) == "swin_base_patch4_window7_224"
+    assert timm_architecture(SwinOptions(arch="swin_large", window_size=14)) == "swin_large_patch4_window7_224"
+    assert timm_architecture(SwinOptions(arch=None, embed_dim=96, depths=[2, 2, 6, 2],
+                                         num_heads=[3, 6, 12, 24])) == "swin_tiny_patch4_window7_224"
+    # `arch` defaults to swin_base, but other widths make another model: not called swin_base
+    custom = SwinOptions(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8])
+    assert custom.arch == "swin_base" and custom.size_name() is None
+    assert timm_architecture(custom) == "swin_tiny_patch4_window7_224"
+    assert timm_architecture(SwinOptions(patch_size=2)) == "swin_tiny_patch4_window7_224"
 
 
 def test_to_timm_refuses_grids_its_windows_do_not_tile():

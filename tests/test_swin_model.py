@@ -53,6 +53,21 @@ def test_pixel_target_and_one_decoder_width():
     assert model.target.dims == [192, 768, 3072, 3072]
 
 
+def test_pretraining_leaves_the_relative_position_bias_tables_undecayed():
+    from localmim_cli.tasks.pretrain import param_groups
+
+    model = build_model(tiny_settings())
+    no_decay, decay = param_groups(model, 0.05)
+    assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.05)
+    undecayed = {id(p) for p in no_decay["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in undecayed}
+    tables = {n for n in names if n.endswith("relative_position_bias_table")}
+    assert len(tables) == 8  # one per block: published pretraining skips names with 'position_bias'
+    assert all(p.ndim == 1 or n in tables for n, p in model.named_parameters() if id(p) in undecayed)
+    assert not any(n.endswith("relative_position_bias_table") for n, p in model.named_parameters()
+                   if id(p) not in undecayed)
+
+
 def test_decoder_widths_must_match_the_taps():
     with pytest.raises(ValueError, match="3 decoder widths"):
         build_model(tiny_settings(width=[16, 32, 32]))

@@ -83,6 +83,12 @@ class SwinOptions(BaseModel):
         """Width of stage k (0-indexed): C * 2^k."""
         return self.embed_dim * 2**k
 
+    def size_name(self) -> str | None:
+        """The published size (swin_tiny ... swin_large) these widths, depths and heads are, if
+        any: `arch` only fills what is not given, so it does not say."""
+        sizes = (self.embed_dim, tuple(self.depths), tuple(self.num_heads))
+        return next((name for name, size in SWIN_ARCHS.items() if size == sizes), None)
+
 
 class SwinPatchEmbed(nn.Module):
     """(B, 3, H, W) -> (B, H/p, W/p, C): a p x p convolution with stride p, then a LayerNorm."""
@@ -156,7 +162,9 @@ class MaskedSwin(MaskedEncoder):
         self.taps = [TapInfo(options.embed_dim * s, patch * s) for s in scales]
 
         self.patch_embed = SwinPatchEmbed(patch, options.embed_dim, layer_norm_eps)
-        rates = torch.linspace(0, options.drop_path, sum(options.depths)).tolist()
+        # On the CPU whatever the default device: the rates are plain numbers (and the model
+        # can then be laid out on the meta device to count or plan it without memory).
+        rates = torch.linspace(0, options.drop_path, sum(options.depths), device="cpu").tolist()
         first = [sum(options.depths[:k]) for k in range(n_stages)]
         self.layers = nn.ModuleList(
             SwinStage(options.stage_dim(k), self.patch_grid // 2**k, options.depths[k], options.num_heads[k],
@@ -211,6 +219,11 @@ class MaskedSwin(MaskedEncoder):
                 x = stage.downsample(x, grid)
                 side //= 2
         return self.tap_norms[-1](x).mean(dim=1)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW leaves undecayed besides biases and norms: the published pretraining
+        exempts every name containing 'position_bias' (the relative-position bias tables)."""
+        return {name for name, _ in self.named_parameters() if "position_bias" in name}
 
     def to_timm(self) -> nn.Module:
         """A timm SwinTransformer (num_classes=0) with these weights (see swin_timm.py)."""

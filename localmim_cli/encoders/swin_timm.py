@@ -35,8 +35,11 @@ def swap_merge_chunks(weight: torch.Tensor) -> torch.Tensor:
 
 
 def timm_architecture(options: "SwinOptions") -> str:
-    """A registered timm Swin name; `model_args` carries every size, so any Swin name would do."""
-    return f"{options.arch or 'swin_tiny'}_patch4_window7_224"
+    """A registered timm Swin name: the one of this size when it is a published size with 4-px
+    patches, else swin_tiny's. `model_args` carries every size (window and image size too), so
+    the name only tells people and `finetune --set model.arch=...` which size this is."""
+    size = options.size_name() if options.patch_size == 4 else None
+    return f"{size or 'swin_tiny'}_patch4_window7_224"
 
 
 def timm_model_args(options: "SwinOptions", img_size: int) -> dict[str, Any]:

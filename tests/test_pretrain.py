@@ -103,7 +103,7 @@ def test_run_directory_contents(tmp_path, tiny_config):
     sidecars = [json.loads(f.with_suffix(".json").read_text()) for f in figures]
     first, second = ([(i["path"], i["mask"]) for i in s["images"]] for s in sidecars)
     assert first == second and len(first) == 4
-    assert "effective batch 4" in r.stdout and "lr = 0.005 x 4/256" in r.stdout
+    assert "1 device = 4; lr = 0.005 x 4 / 256" in r.stdout
     settings = json.loads((out / "settings.json").read_text())
     provenance = json.loads((out / "settings.provenance.json").read_text())["sources"]
     assert settings["train"]["keep_last"] == 1
@@ -160,6 +160,8 @@ def test_resume_refuses_changed_recipe(tmp_path, tiny_config):
     assert run_cli("pretrain", "--config", tiny_config, "--out", out, "--set", "train.epochs=1").returncode == 0
     r = run_cli("pretrain", "--out", out, "--resume", "--set", "optim.base_lr=0.1")
     assert_user_error(r, "optim.base_lr")
+    # Refused before anything was written: the run's settings are still the ones it ran with.
+    assert json.loads((out / "settings.json").read_text())["optim"]["base_lr"] == 5e-3
     r = run_cli("pretrain", "--out", out, "--resume", "--epochs", "2")  # extending is allowed
     assert r.returncode == 0, r.stderr
     assert checkpoints.load(out).meta["position"]["epoch"] == 2

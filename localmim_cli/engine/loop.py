@@ -1,33 +1,38 @@
-"""What the pretraining and fine-tuning loops share: precision, the optimizer step, the metrics
-of a logging interval, the divergence stop and the position of a run.
+"""The step loop every training task runs, and its parts: precision, the optimizer step, the
+metrics of a logging interval and the divergence stop.
 
-Both loops keep their metrics on the device and read them once per logging interval, so the
-step loop never waits on the host.
+Metrics stay on the device and are read once per logging interval, so the step loop never
+waits on the host.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from localmim_cli.engine import checkpoints
 from localmim_cli.engine import distributed
-from localmim_cli.engine.schedule import lr_at
-from localmim_cli.errors import RunDirError, TrainingDiverged
+from localmim_cli.engine.plan import StepPlan
+from localmim_cli.engine.task import Position, TrainingTask
+from localmim_cli.errors import TrainingDiverged
+
+if TYPE_CHECKING:
+    from localmim_cli.engine.progress import StepProgress
+    from localmim_cli.engine.runs import MetricsLog
 
 
-
-
-@dataclass
-class Position:
-    epoch: int = 0
-    micro_step: int = 0   # next micro-step to run within the epoch
-    step: int = 0         # optimizer steps done in the whole run
+@dataclass(frozen=True)
+class Placement:
+    """Where a run computes: its processes, this process's device and the precision there."""
+    world: distributed.World
+    device: torch.device
+    precision: str            # fp32, bf16 or fp16; "auto" already resolved
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -108,27 +113,6 @@ class IntervalMeter:
         return {"losses": losses, "images_per_s": self.images / elapsed, "data_wait": self.data_wait / elapsed}
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as {"a.b.c": value}; plugin `options` stay whole, as one value."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "options":
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], allowed: set[str]) -> None:
-    """Refuse a resume that would change the recipe: only the `allowed` settings may differ."""
-    before, now = flatten(saved), flatten(current)
-    changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in allowed]
-    if changed:
-        diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise RunDirError(f"--resume would change settings the run was started with ({diffs}); "
-                         f"start a new run instead, or change only {', '.join(sorted(allowed))}")
-
-
 def stop_if_diverged(bad: bool, pos: Position, ckpt_dir: Path) -> None:
     if not bad:
         return
@@ -140,88 +124,86 @@ def stop_if_diverged(bad: bool, pos: Position, ckpt_dir: Path) -> None:
         "train.precision=bf16 / fp32 instead of fp16; then --resume or start over.")
 
 
-@dataclass
-class Loop:
-    """The parts of a run the step loop drives; the two commands fill it differently.
+class RunOutput:
+    """metrics.jsonl and the progress display of a run; only the main process writes."""
 
-    epoch_batches(epoch, start_micro) -> the epoch's batches from micro-step `start_micro` on
-    forward(batch, epoch, micro) -> (loss, per-part losses (K,), images in this micro-batch);
-        runs under autocast; `loss` is what is minimised
-    loss_fields(losses: list of K floats) -> the loss entries of a metrics record
-    on_epoch_end(position) and save(position): hooks, called on every process
-    """
+    def __init__(self, metrics: MetricsLog, progress: StepProgress, is_main: bool):
+        self.metrics, self.progress, self.is_main = metrics, progress, is_main
 
-    net: torch.nn.Module          # what forward calls (DDP-wrapped under torchrun)
-    model: torch.nn.Module        # the unwrapped module whose parameters are stepped
+    def record(self, entry: dict[str, Any]) -> None:
+        if self.is_main:
+            self.metrics.write(entry)
+
+    def note(self, text: str) -> None:
+        self.progress.note(text)
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """What the step loop drives: one task's model, stepped as the engine set it up."""
+
+    task: TrainingTask
+    net: torch.nn.Module                # task.model, DDP-wrapped under torchrun: what forward calls
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    world: distributed.World
-    device: torch.device
-    precision: str
-    train: Any                    # settings with epochs, accum_steps, log_every, checkpoint_every
-    optim: Any                    # settings with min_lr, warmup_epochs, clip_grad
-    lr: float                     # peak lr of the schedule
-    steps_per_epoch: int
-    n_losses: int
+    clip_grad: float | None
+    placement: Placement
+    plan: StepPlan
+    log_every: int                      # optimizer steps between metrics records
+    checkpoint_every: int               # optimizer steps between checkpoints; 0 = each epoch's end
+    batches: Callable[[int, int], Iterable[Any]]   # (epoch, first micro-step) -> the rest of that epoch
+    save: Callable[[Position], None]    # a checkpoint at the position (every process calls it)
     ckpt_dir: Path
-    epoch_batches: Any
-    forward: Any
-    loss_fields: Any
-    on_epoch_end: Any
-    save: Any
-    metrics_write: Any            # called with each record on the main process
+    output: RunOutput
 
 
-def run_loop(loop: Loop, pos: Position, progress) -> dict[str, Any]:
-    """Micro-steps with accumulation, the lr schedule, logging every log_every steps, and
+def run_loop(t: Trainer, pos: Position) -> dict[str, Any]:
+    """Micro-steps with accumulation, the lr schedule, metrics every log_every steps, and
     checkpoints every checkpoint_every steps (or at each epoch's end) and at the last step."""
-    tr, world = loop.train, loop.world
-    micro_per_epoch = loop.steps_per_epoch * tr.accum_steps
-    total_steps = loop.steps_per_epoch * tr.epochs
-    meter = IntervalMeter(loop.n_losses, loop.device)
+    task, plan, world = t.task, t.plan, t.placement.world
+    device, precision = t.placement.device, t.placement.precision
+    meter = IntervalMeter(task.loss_count, device)
     summary: dict[str, Any] = {}
-    for epoch in range(pos.epoch, tr.epochs):
+    for epoch in range(pos.epoch, plan.epochs):
         start = pos.micro_step if epoch == pos.epoch else 0
         meter.reset()
-        for micro, batch in enumerate(loop.epoch_batches(epoch, start), start=start):
+        for micro, batch in enumerate(t.batches(epoch, start), start=start):
             meter.fetched()
-            last_micro = (micro + 1) % tr.accum_steps == 0
-            sync = contextlib.nullcontext() if (last_micro or not world.distributed) else loop.net.no_sync()
+            last_micro = (micro + 1) % plan.accum_steps == 0
+            sync = contextlib.nullcontext() if (last_micro or not world.distributed) else t.net.no_sync()
             with sync:
-                with autocast(loop.precision, loop.device):
-                    loss, losses, n_images = loop.forward(batch, epoch, micro)
-                loop.scaler.scale(loss / tr.accum_steps).backward()
+                with autocast(precision, device):
+                    loss, losses, n_images = task.forward(t.net, batch, epoch, micro)
+                t.scaler.scale(loss / plan.accum_steps).backward()
             meter.add(losses, loss, n_images * world.size)
             if not last_micro:
                 meter.waiting()
                 continue
 
-            opt = loop.optim
-            lr = lr_at(pos.step, loop.steps_per_epoch, loop.lr, opt.min_lr, opt.warmup_epochs, tr.epochs)
-            grad_norm = optimizer_step(loop.model, loop.optimizer, loop.scaler, lr, opt.clip_grad)
+            lr = plan.lr_at(pos.step)
+            grad_norm = optimizer_step(task.model, t.optimizer, t.scaler, lr, t.clip_grad)
             pos.step += 1
-            progress.advance()
-            at_epoch_end = micro + 1 == micro_per_epoch
+            t.output.progress.advance()
+            at_epoch_end = micro + 1 == plan.micro_steps_per_epoch
             pos.micro_step = micro + 1
 
-            if pos.step % tr.log_every == 0 or at_epoch_end:
-                stop_if_diverged(meter.diverged(world), pos, loop.ckpt_dir)
+            if pos.step % t.log_every == 0 or at_epoch_end:
+                stop_if_diverged(meter.diverged(world), pos, t.ckpt_dir)
                 interval = meter.read(world)
-                record = {"epoch": epoch, "step": pos.step, **loop.loss_fields(interval.pop("losses")),
+                record = {"epoch": epoch, "step": pos.step, **task.loss_fields(interval.pop("losses")),
                           "lr": lr, "grad_norm": float(grad_norm()), **interval}
-                if world.is_main:
-                    loop.metrics_write(record)
-                progress.update(record)
+                t.output.record(record)
+                t.output.progress.update(record)
                 summary = record
                 meter.reset()
 
             if at_epoch_end:
                 pos = Position(epoch + 1, 0, pos.step)
-                loop.on_epoch_end(pos)
-            due = (pos.step % tr.checkpoint_every == 0) if tr.checkpoint_every else at_epoch_end
-            if due or pos.step == total_steps:
-                stop_if_diverged(meter.diverged(world), pos, loop.ckpt_dir)
-                loop.save(pos)
+                task.on_epoch_end(pos, t.output)
+            due = (pos.step % t.checkpoint_every == 0) if t.checkpoint_every else at_epoch_end
+            if due or pos.step == plan.total_steps:
+                stop_if_diverged(meter.diverged(world), pos, t.ckpt_dir)
+                t.save(pos)
             meter.waiting()
         distributed.barrier(world)
     return {**summary, "steps": pos.step}

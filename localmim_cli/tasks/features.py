@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from localmim_cli.data.images import LabelledImages, center_crop_transform, fingerprint, load_rgb, split_indices
+from localmim_cli.data.samplers import loader_kwargs
 from localmim_cli.errors import DataError
 from localmim_cli.seeding import derive_seed
 
@@ -128,8 +129,9 @@ def seeded_global_rngs(seed: int):
 class AugmentedSamples(Dataset):
     """Labelled samples through a random training transform, seeded per (seed, epoch, index).
 
-    Length is len(samples) * repeats. The epoch comes from `set_epoch`: build the loader after
-    calling it (workers copy the dataset when they start).
+    Length is len(samples) * repeats. Items are keyed by (epoch, index), as the training
+    engine's sampler yields them: its loader's workers persist across epochs, so the epoch
+    cannot be set on the dataset.
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, seed: int,
@@ -137,18 +139,16 @@ class AugmentedSamples(Dataset):
         if not samples:
             raise DataError("no training images")
         self.samples, self.transform, self.seed = list(samples), transform, seed
-        self.draft_size, self.repeats, self.epoch = draft_size, repeats, 0
+        self.draft_size, self.repeats = draft_size, repeats
 
     def __len__(self) -> int:
         return len(self.samples) * self.repeats
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, i = key
         path, label = self.samples[i % len(self.samples)]
         image = load_rgb(path, self.draft_size)
-        with seeded_global_rngs(derive_seed(self.seed, "augment", self.epoch, i)):
+        with seeded_global_rngs(derive_seed(self.seed, "augment", epoch, i)):
             x = self.transform(image)   # (3, S, S)
         return x, label
 
@@ -167,13 +167,6 @@ class EvalSamples(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
         return self.transform(load_rgb(path, self.draft_size)), label
-
-
-def loader_kwargs(workers: int, device: torch.device) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
-    if workers > 0:
-        kwargs["prefetch_factor"] = 4
-    return kwargs
 
 
 # ---------------------------------------------------------------------------------------------

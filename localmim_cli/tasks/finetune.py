@@ -4,9 +4,10 @@ checkpoint -> timm VisionTransformer (global average pool, a new fc_norm, a new 
 trunc-normal(2e-5) weights) -> RandAugment + random erasing -> Mixup/CutMix -> soft-target or
 label-smoothed cross-entropy -> AdamW (0.9, 0.999) with layer-wise lr decay, warmup + cosine.
 
-The loop mirrors `pretrain.py`: the same run directory, checkpoints, exact resume (per-sample
-augmentations, per-step mixing and drop path are all seeded from the run seed), precision and
-torchrun handling, and no host synchronisation per step.
+What is fine-tuning's own is here (`FinetuneTask`); the run around it is `engine.training`'s, as
+for pretraining: the same run directory, checkpoints, exact resume (per-sample augmentations,
+per-step mixing and drop path are all seeded from the run seed), precision, torchrun, and no
+host synchronisation per step.
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from localmim_cli.engine.task import TrainingTask
 from localmim_cli.errors import DataError, ModelError, UsageError
 
 if TYPE_CHECKING:
     import torch
     from rich.console import Console
+
+    from localmim_cli.engine.checkpoints import Checkpoint
+    from localmim_cli.engine.loop import Placement
+    from localmim_cli.engine.task import Position, RunLog
+    from localmim_cli.tasks.features import LabelledSplit
 
     from localmim_cli.weights.sources import EncoderWeights, ViTShape
     from localmim_cli.weights.via_timm import PluginShape
@@ -144,8 +151,9 @@ def validate(model: "torch.nn.Module", samples, img_size: int, settings: "Finetu
     from torch.utils.data import DataLoader
 
     from localmim_cli.engine import distributed
-    from localmim_cli.tasks.features import EvalSamples, loader_kwargs
+    from localmim_cli.data.samplers import loader_kwargs
     from localmim_cli.engine.loop import autocast
+    from localmim_cli.tasks.features import EvalSamples
 
     mine = list(samples)[world.rank::world.size]
     batch = settings.train.eval_batch_size or settings.train.batch_size
@@ -176,7 +184,7 @@ def validate(model: "torch.nn.Module", samples, img_size: int, settings: "Finetu
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# Training
 
 
 def run(resolved: "Resolved", run_dir: Path, resume: bool, console: "Console",
@@ -187,201 +195,150 @@ def run(resolved: "Resolved", run_dir: Path, resume: bool, console: "Console",
 
     weights: the --init checkpoint, when the caller has read it already (else read here).
     """
-    from localmim_cli.engine import distributed
-    world = distributed.from_environment()
-    device = distributed.choose_device(resolved.settings.train.device, world)
-    distributed.init(world, device)
-    try:
-        return _train(resolved, run_dir, resume, console, world, device, weights)
-    finally:
-        distributed.shutdown(world)
-
-
-def _train(resolved: "Resolved", run_dir: Path, resume: bool, console: "Console", world,
-           device: "torch.device", weights: "EncoderWeights | None") -> dict[str, Any]:
-    import numpy as np
     import torch
-    from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.data import DataLoader
 
-    from localmim_cli.engine import atomic
-    from localmim_cli.engine import checkpoints
-    from localmim_cli.engine import runs
-    from localmim_cli.data.images import draft_size_for, fingerprint
-    from localmim_cli.errors import DataError
-    from localmim_cli.weights.sources import ViTShape, load_encoder_weights, timm_model_args
-    from localmim_cli.tasks.features import AugmentedSamples, labelled_split, loader_kwargs, split_record
-    from localmim_cli.weights.via_timm import PluginShape, shape_from_record
-    from localmim_cli.engine.progress import StepProgress
-    from localmim_cli.errors import CheckpointError
-    from localmim_cli.data.samplers import StepBatches
-    from localmim_cli.seeding import derive_seed
-    from localmim_cli.engine.loop import Loop, Position, check_resume_compatible, resolve_precision, run_loop
+    from localmim_cli.engine import training
+    from localmim_cli.tasks.features import labelled_split
+    from localmim_cli.weights.sources import ViTShape, load_encoder_weights
+    from localmim_cli.weights.via_timm import shape_from_record
 
     settings: FinetuneSettings = resolved.settings
-    tr, opt_s, d = settings.train, settings.optim, settings.data
-    precision = resolve_precision(tr.precision, device)
-    say = console.print if world.is_main else (lambda *a, **k: None)
+    tr, d = settings.train, settings.data
     if d.path is None:
         raise DataError("finetune needs DATA, a folder with one subfolder of images per class")
+    with training.process_group(tr) as placement:
+        resumed = training.checked_resume(run_dir, resume, settings, RESUMABLE_CHANGES)
+        split = labelled_split(d.path, d.val_path, d.val_fraction, tr.seed,
+                               classes=resumed.meta["classes"] if resumed else None)
+        if len(split.classes) < 2:
+            raise DataError(f"{d.path}: only one class folder ({split.classes[0]}); classification needs two or more")
+        if resumed is not None:
+            timm_meta = resumed.meta["timm"]
+            shape = shape_from_record(timm_meta) if timm_meta.get("plugin") else ViTShape(**timm_meta["shape"])
+            weights, init_record = None, resumed.meta.get("init")
+        else:
+            if weights is None and settings.init:
+                weights = load_encoder_weights(settings.init)
+            shape = model_shape(settings, weights)
+            init_record = ({"source": str(weights.source), "kind": weights.kind,
+                            "shape": dataclasses.asdict(weights.shape)} if weights else None)
+        torch.manual_seed(tr.seed)
+        model = build_classifier(shape, len(split.classes), settings, weights).to(placement.device)
+        task = FinetuneTask(settings, model, split, shape, init_record, placement)
+        summary = training.train(task, resolved, run_dir, resumed, console, placement)
+    return {**summary, "classes": len(split.classes), "val": task.last_val, "best": task.best}
 
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt = checkpoints.load(ckpt_dir) if resume else None
-    split = labelled_split(d.path, d.val_path, d.val_fraction, tr.seed,
-                           classes=ckpt.meta["classes"] if ckpt else None)
-    if len(split.classes) < 2:
-        raise DataError(f"{d.path}: only one class folder ({split.classes[0]}); classification needs two or more")
-    num_classes = len(split.classes)
 
-    if ckpt is not None:
-        check_resume_compatible(ckpt.meta["settings"], settings.model_dump(mode="json"), RESUMABLE_CHANGES)
-        timm_meta = ckpt.meta["timm"]
-        shape = shape_from_record(timm_meta) if timm_meta.get("plugin") else ViTShape(**timm_meta["shape"])
-        weights = None
-        init_record = ckpt.meta.get("init")
-    else:
-        if weights is None and settings.init:
-            weights = load_encoder_weights(settings.init)
-        shape = model_shape(settings, weights)
-        init_record = ({"source": str(weights.source), "kind": weights.kind,
-                        "shape": dataclasses.asdict(weights.shape)} if weights else None)
-    torch.manual_seed(tr.seed)
-    model = build_classifier(shape, num_classes, settings, weights).to(device)
+class FinetuneTask(TrainingTask):
+    """A classifier on labelled images: augmented samples, Mixup/CutMix, cross-entropy, and a
+    validation pass at the end of every eval_every-th epoch (and of the last)."""
 
-    dataset = AugmentedSamples(split.train, train_transform(settings, shape.img_size), tr.seed,
-                               draft_size_for(shape.img_size, d.crop_scale[0]), d.repeats)
-    batches = StepBatches(len(dataset), tr.batch_size, world.rank, world.size, tr.seed)
-    steps_per_epoch = batches.micro_steps_per_epoch() // tr.accum_steps
-    if steps_per_epoch < 1:
-        raise DataError(f"{len(dataset)} training images make no full optimizer step of {tr.batch_size} x "
-                        f"{world.size} process(es) x {tr.accum_steps} accumulation; lower train.batch_size "
-                        "or raise data.repeats")
-    micro_per_epoch = steps_per_epoch * tr.accum_steps
-    total_steps = steps_per_epoch * tr.epochs
-    eff_batch = tr.batch_size * world.size * tr.accum_steps
-    lr = opt_s.lr if opt_s.lr is not None else opt_s.base_lr * eff_batch / 256
+    kind = "finetune"
+    loss_count = 1
 
-    groups = layer_decay_groups(model, opt_s.weight_decay, opt_s.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=opt_s.betas)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    loss_fn = criterion(settings)
-    mix = mixer(settings, num_classes)
-    metrics_log = runs.MetricsLog(run_dir / "metrics.jsonl")
-    pos = Position()
-    best: dict[str, Any] = {}
-    last_val: dict[str, Any] = {}
-    if ckpt is not None:
-        state = ckpt.model_state()
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise CheckpointError(f"{ckpt.path}: weights do not fit the model it describes")
-        training = ckpt.training_state()
-        optimizer.load_state_dict(training["optimizer"])
-        scaler.load_state_dict(training["scaler"])
-        pos = Position(**ckpt.meta["position"])
-        best, last_val = ckpt.meta.get("best") or {}, ckpt.meta.get("val") or {}
-        if world.is_main:
-            metrics_log.truncate_after(pos.step)
-        say(f"resuming from {ckpt.path.name}: epoch {pos.epoch}, step {pos.step}")
+    def __init__(self, settings: "FinetuneSettings", model: "torch.nn.Module", split: "LabelledSplit",
+                 shape: "ViTShape | PluginShape", init_record: dict[str, Any] | None, placement: "Placement"):
+        from localmim_cli.data.images import draft_size_for
+        from localmim_cli.tasks.features import AugmentedSamples
 
-    if isinstance(shape, PluginShape):
-        timm_record = shape.timm_record(num_classes)
-    else:
-        arch = settings.model.arch or shape.arch
-        timm_record = {"architecture": arch, "model_args": timm_model_args(shape, "pool_then_norm", num_classes),
-                       "shape": dataclasses.asdict(shape)}
-    if world.is_main:
-        resolved.write(run_dir)
-        atomic.write_json(run_dir / "classes.json", split.classes)
-        runs.write_manifest(run_dir, runs.manifest(world, device, tr.seed, {
-            **split_record(split), "fingerprint": fingerprint([p for p, _ in split.train])},
-            {"precision": precision, "effective_batch": eff_batch, "lr": lr, "resumed": resume,
-             "init": init_record, "model": timm_record}))
-    say(f"data: {split.describe()}")
-    say(f"model: {shape.describe()}, {num_classes} classes; init: "
-        + (f"{init_record['kind']} {init_record['source']}" if init_record else "random (from scratch)"))
-    say(f"{steps_per_epoch} steps/epoch x {tr.epochs} epochs on {device} ({world.size} process(es), {precision}); "
-        + (f"effective batch {eff_batch}; lr = {opt_s.base_lr:g} x {eff_batch}/256 = {lr:.3g}"
-           if opt_s.lr is None else f"effective batch {eff_batch}; lr {lr:g} (absolute)")
-        + f", layer decay {opt_s.layer_decay:g}")
+        d = settings.data
+        self.settings, self.model, self.split, self.shape = settings, model, split, shape
+        self.init_record, self.placement = init_record, placement
+        self.dataset = AugmentedSamples(split.train, train_transform(settings, shape.img_size), settings.train.seed,
+                                        draft_size_for(shape.img_size, d.crop_scale[0]), d.repeats)
+        self.loss_fn = criterion(settings)
+        self.mix = mixer(settings, len(split.classes))
+        self.timm_record = _timm_record(settings, shape, len(split.classes))
+        self.best: dict[str, Any] = {}
+        self.last_val: dict[str, Any] = {}
 
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world.distributed else model
-    lkw = loader_kwargs(d.workers, device)
+    def param_groups(self) -> list[dict[str, Any]]:
+        opt = self.settings.optim
+        return layer_decay_groups(self.model, opt.weight_decay, opt.layer_decay)
 
-    def save_checkpoint(position: Position) -> None:
-        if not world.is_main:
-            return
-        meta = {"kind": "finetune", "position": vars(position), "settings": settings.model_dump(mode="json"),
-                "provenance": resolved.provenance, "run_dir": str(run_dir),
-                "classes": split.classes, "timm": timm_record, "init": init_record,
-                "val": last_val, "best": best}
-        checkpoints.save(ckpt_dir, f"step-{position.step:08d}", model.state_dict(), meta,
-                         {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
-                         keep_last=tr.keep_last)
+    def forward(self, net: "torch.nn.Module", batch: Any, epoch: int, micro_step: int):
+        import numpy as np
+        import torch
 
-    def run_validation(epoch: int, step: int) -> None:
-        nonlocal last_val, best
-        if not split.val:
-            return
-        last_val = {"epoch": epoch, "step": step, **validate(model, split.val, shape.img_size, settings,
-                                                                 device, precision, world)}
-        if not best or last_val["val_top1"] > best["val_top1"]:
-            best = dict(last_val)
-        if world.is_main:
-            metrics_log.write({"kind": "val", **last_val})
-        progress.note(f"epoch {epoch}: val top-1 {last_val['val_top1']:.2f}%  top-5 {last_val['val_top5']:.2f}%  "
-                      f"loss {last_val['val_loss']:.4f}  ({last_val['val_images']} images)")
+        from localmim_cli.seeding import derive_seed
 
-    def epoch_batches(epoch: int, start: int):
-        dataset.set_epoch(epoch)
-        batches.set_position(epoch, start)
-        return DataLoader(dataset, batch_sampler=_FirstN(batches, micro_per_epoch - start), **lkw)
-
-    def forward(batch, epoch: int, micro: int):
+        device = self.placement.device
         x, y = (t.to(device, non_blocking=True) for t in batch)
         # Mixing and drop path draw from global generators: seed them per micro-step so a
         # resumed run draws exactly what the uninterrupted run would have.
-        step_seed = derive_seed(tr.seed, "micro", world.rank, epoch, micro)
+        step_seed = derive_seed(self.settings.train.seed, "micro", self.placement.world.rank, epoch, micro_step)
         torch.manual_seed(step_seed)
-        if mix is not None:
+        if self.mix is not None:
             np_state = np.random.get_state()
             np.random.seed(step_seed % 2**32)
-            x, y = mix(x, y)
+            x, y = self.mix(x, y)
             np.random.set_state(np_state)
-        loss = loss_fn(net(x).float(), y)
+        loss = self.loss_fn(net(x).float(), y)
         return loss, loss.reshape(1), x.shape[0]
 
-    def on_epoch_end(position: Position) -> None:
+    def loss_fields(self, losses: list[float]) -> dict[str, float]:
+        return {"loss": losses[0]}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"classes": self.split.classes, "timm": self.timm_record, "init": self.init_record,
+                "val": self.last_val, "best": self.best}
+
+    def restore(self, ckpt: "Checkpoint") -> None:
+        from localmim_cli.errors import CheckpointError
+
+        result = self.model.load_state_dict(ckpt.model_state(), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(f"{ckpt.path}: weights do not fit the model it describes")
+        self.best, self.last_val = ckpt.meta.get("best") or {}, ckpt.meta.get("val") or {}
+
+    def data_record(self) -> dict[str, Any]:
+        from localmim_cli.data.images import fingerprint
+        from localmim_cli.tasks.features import split_record
+        return {**split_record(self.split), "fingerprint": fingerprint([p for p, _ in self.split.train])}
+
+    def run_record(self) -> dict[str, Any]:
+        return {"init": self.init_record, "model": self.timm_record}
+
+    def describe(self) -> list[str]:
+        init = self.init_record
+        return [f"data: {self.split.describe()}",
+                f"model: {self.shape.describe()}, {len(self.split.classes)} classes; init: "
+                + (f"{init['kind']} {init['source']}" if init else "random (from scratch)")
+                + f"; layer decay {self.settings.optim.layer_decay:g}"]
+
+    def write_files(self, run_dir: Path) -> None:
+        from localmim_cli.engine import atomic
+        atomic.write_json(run_dir / "classes.json", self.split.classes)
+
+    def on_epoch_end(self, position: "Position", log: "RunLog") -> None:
+        tr = self.settings.train
         if position.epoch == tr.epochs or (tr.eval_every and position.epoch % tr.eval_every == 0):
-            run_validation(position.epoch - 1, position.step)
+            self._validate(position.epoch - 1, position.step, log)
 
-    loop = Loop(net=net, model=model, optimizer=optimizer, scaler=scaler, world=world, device=device,
-                precision=precision, train=tr, optim=opt_s, lr=lr, steps_per_epoch=steps_per_epoch,
-                n_losses=1, ckpt_dir=ckpt_dir, epoch_batches=epoch_batches, forward=forward,
-                loss_fields=lambda losses: {"loss": losses[0]}, on_epoch_end=on_epoch_end,
-                save=save_checkpoint, metrics_write=metrics_log.write)
-    model.train()
-    with StepProgress(console, total_steps, pos.step, world.is_main, label="finetune") as progress:
-        summary = run_loop(loop, pos, progress)
-    return {**summary, "run_dir": str(run_dir), "epochs": tr.epochs, "classes": num_classes,
-            "val": last_val, "best": best}
+    def _validate(self, epoch: int, step: int, log: "RunLog") -> None:
+        if not self.split.val:
+            return
+        p = self.placement
+        self.last_val = {"epoch": epoch, "step": step, **validate(self.model, self.split.val, self.shape.img_size,
+                                                                  self.settings, p.device, p.precision, p.world)}
+        if not self.best or self.last_val["val_top1"] > self.best["val_top1"]:
+            self.best = dict(self.last_val)
+        log.record({"kind": "val", **self.last_val})
+        v = self.last_val
+        log.note(f"epoch {epoch}: val top-1 {v['val_top1']:.2f}%  top-5 {v['val_top5']:.2f}%  "
+                 f"loss {v['val_loss']:.4f}  ({v['val_images']} images)")
 
 
-class _FirstN:
-    """A batch sampler cut to its first n micro-steps (whole optimizer steps only)."""
+def _timm_record(settings: "FinetuneSettings", shape: "ViTShape | PluginShape", num_classes: int) -> dict[str, Any]:
+    """What rebuilds the fine-tuned model with timm: checkpoints and the manifest record it."""
+    from localmim_cli.weights.sources import timm_model_args
+    from localmim_cli.weights.via_timm import PluginShape
 
-    def __init__(self, inner, n: int):
-        self.inner, self.n = inner, max(n, 0)
-
-    def __len__(self) -> int:
-        return min(len(self.inner), self.n)
-
-    def __iter__(self):
-        for i, batch in enumerate(self.inner):
-            if i >= self.n:
-                return
-            yield batch
+    if isinstance(shape, PluginShape):
+        return shape.timm_record(num_classes)
+    return {"architecture": settings.model.arch or shape.arch,
+            "model_args": timm_model_args(shape, "pool_then_norm", num_classes),
+            "shape": dataclasses.asdict(shape)}
 
 
 # ---------------------------------------------------------------------------------------------

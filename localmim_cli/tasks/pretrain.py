@@ -1,10 +1,10 @@
-"""The pretraining loop: one process, one GPU, or many under torchrun, resumable exactly.
+"""Pretraining: one process, one GPU, or many under torchrun, resumable exactly.
 
 settings -> images -> (per-sample crops, flips and masking noise from the run seed) -> LocalMIM
 -> summed multi-scale loss -> AdamW with warmup + cosine -> checkpoints and metrics.jsonl.
 
-No host synchronisation inside the step loop: losses, the non-finite flag and timings stay on
-the device and are read once per logging interval.
+What is pretraining's own is here (`PretrainTask`); the run around it (steps, lr, resume,
+torchrun, checkpoints, metrics) is `engine.training`'s.
 """
 
 from __future__ import annotations
@@ -14,21 +14,15 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
-from localmim_cli.engine import checkpoints
-from localmim_cli.engine import distributed
-from localmim_cli.engine import runs
-from localmim_cli.model.build import build_model
-from localmim_cli.data.images import fingerprint, pretrain_dataset
-from localmim_cli.errors import DataError
 from localmim_cli.config.layers import Resolved
-from localmim_cli.model.localmim import LocalMIM
-from localmim_cli.engine.progress import StepProgress
-from localmim_cli.data.samplers import StepBatches
 from localmim_cli.config.schema import PretrainSettings
-from localmim_cli.engine.loop import Loop, Position, check_resume_compatible, resolve_precision, run_loop
+from localmim_cli.data.images import PretrainImages, fingerprint, pretrain_dataset
+from localmim_cli.engine import distributed, runs, training
+from localmim_cli.engine.loop import Placement
+from localmim_cli.engine.task import Position, RunLog, TrainingTask
+from localmim_cli.model.build import build_model
+from localmim_cli.model.localmim import LocalMIM
 
 # Settings a resume may change without breaking exact continuation.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
@@ -78,133 +72,60 @@ def run(resolved: Resolved, run_dir: Path, resume: bool, console: Console) -> di
     provenance are written into it once a resume has been checked against the checkpoint.
     """
     settings: PretrainSettings = resolved.settings
-    world = distributed.from_environment()
-    device = distributed.choose_device(settings.train.device, world)
-    distributed.init(world, device)
-    try:
-        return _train(resolved, run_dir, resume, console, world, device)
-    finally:
-        distributed.shutdown(world)
+    with training.process_group(settings.train) as placement:
+        resumed = training.checked_resume(run_dir, resume, settings, RESUMABLE_CHANGES)
+        torch.manual_seed(settings.train.seed)
+        model = build_model(settings.model).to(placement.device)
+        dataset, unreadable = pretrain_dataset(settings.data, settings.model.img_size, model.num_units,
+                                               settings.train.seed)
+        if unreadable and placement.world.is_main:
+            console.print(f"[yellow]leaving out {len(unreadable)} unreadable image(s)[/] (listed in manifest.json)")
+        task = PretrainTask(settings, model, dataset, unreadable, run_dir, placement)
+        return training.train(task, resolved, run_dir, resumed, console, placement)
 
 
-def _train(resolved: Resolved, run_dir: Path, resume: bool, console: Console,
-           world: distributed.World, device: torch.device) -> dict[str, Any]:
-    settings: PretrainSettings = resolved.settings
-    tr, opt_s = settings.train, settings.optim
-    precision = resolve_precision(tr.precision, device)
-    say = console.print if world.is_main else (lambda *a, **k: None)
+class PretrainTask(TrainingTask):
+    """LocalMIM on unlabelled images: the masked multi-scale reconstruction loss, summed."""
 
-    torch.manual_seed(tr.seed)
-    model: LocalMIM = build_model(settings.model).to(device)
-    dataset, unreadable = pretrain_dataset(settings.data, settings.model.img_size, model.num_units, tr.seed)
-    paths = dataset.paths
-    if unreadable:
-        say(f"[yellow]leaving out {len(unreadable)} unreadable image(s)[/] (listed in manifest.json)")
-    batches = StepBatches(len(dataset), tr.batch_size, world.rank, world.size, tr.seed)
-    micro_per_epoch = batches.micro_steps_per_epoch()
-    steps_per_epoch = micro_per_epoch // tr.accum_steps
-    if steps_per_epoch < 1:
-        raise DataError(f"{len(dataset)} images make no full optimizer step of "
-                        f"{tr.batch_size} x {world.size} process(es) x {tr.accum_steps} accumulation; "
-                        "lower train.batch_size or raise data.repeats")
-    micro_per_epoch = steps_per_epoch * tr.accum_steps  # leftover micro-batches are dropped
-    total_steps = steps_per_epoch * tr.epochs
-    eff_batch = tr.batch_size * world.size * tr.accum_steps
-    lr = opt_s.lr if opt_s.lr is not None else opt_s.base_lr * eff_batch / 256
+    kind = "pretrain"
 
-    optimizer = torch.optim.AdamW(param_groups(model, opt_s.weight_decay), lr=lr, betas=opt_s.betas)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    metrics_log = runs.MetricsLog(run_dir / "metrics.jsonl")
-    ckpt_dir = run_dir / "checkpoints"
-    pos = Position()
-    if resume:
-        ckpt = checkpoints.load(ckpt_dir)
-        check_resume_compatible(ckpt.meta["settings"], settings.model_dump(mode="json"), RESUMABLE_CHANGES)
-        model.load_state_dict(ckpt.model_state())
-        training = ckpt.training_state()
-        optimizer.load_state_dict(training["optimizer"])
-        scaler.load_state_dict(training["scaler"])
-        pos = Position(**ckpt.meta["position"])
-        if world.is_main:
-            metrics_log.truncate_after(pos.step)
-        say(f"resuming from {ckpt.path.name}: epoch {pos.epoch}, step {pos.step}")
-    if world.is_main:
-        resolved.write(run_dir)
+    def __init__(self, settings: PretrainSettings, model: LocalMIM, dataset: PretrainImages,
+                 unreadable: list[tuple[Path, str]], run_dir: Path, placement: Placement):
+        self.settings, self.model, self.dataset = settings, model, dataset
+        self.unreadable, self.run_dir, self.placement = unreadable, run_dir, placement
+        self.loss_count = len(model.scales)
 
-    if world.is_main:
-        runs.write_manifest(run_dir, runs.manifest(world, device, tr.seed, {
-            "source": str(settings.data.path) if settings.data.path else "built-in sample photos",
-            "images": len(paths), "fingerprint": fingerprint(paths),
-            "unreadable": [f"{p}: {why}" for p, why in unreadable],
-        }, {"precision": precision, "effective_batch": eff_batch, "lr": lr, "resumed": resume}))
-    say(f"{len(paths)} images, {steps_per_epoch} steps/epoch x {tr.epochs} epochs on {device} "
-        f"({world.size} process(es), {precision})")
-    say(f"effective batch {eff_batch} = {tr.batch_size} per device x {world.size} x "
-        f"{tr.accum_steps} accumulation; lr = {opt_s.base_lr:g} x {eff_batch}/256 = {lr:.3g}"
-        if opt_s.lr is None else f"effective batch {eff_batch}; lr {lr:g} (absolute)")
+    def param_groups(self) -> list[dict[str, Any]]:
+        return param_groups(self.model, self.settings.optim.weight_decay)
 
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world.distributed else model
-    # One loader for the whole run: workers persist across epochs, so each epoch does not pay
-    # their start-up. The epoch travels with every index, since persistent workers never see
-    # a later dataset.set_epoch().
-    epoch_sampler = _EpochBatches(batches)
-    loader = DataLoader(dataset, batch_sampler=epoch_sampler, num_workers=settings.data.workers,
-                        pin_memory=device.type == "cuda", persistent_workers=settings.data.workers > 0,
-                        prefetch_factor=4 if settings.data.workers > 0 else None)
-
-    def save_checkpoint(position: Position) -> None:
-        if not world.is_main:
-            return
-        meta = {"kind": "pretrain", "position": vars(position), "settings": settings.model_dump(mode="json"),
-                "provenance": resolved.provenance, "run_dir": str(run_dir),
-                "cells_px": model.cells_px, "tap_layers": model.encoder.tap_layers}
-        checkpoints.save(ckpt_dir, f"step-{position.step:08d}", model.state_dict(), meta,
-                         {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
-                         keep_last=tr.keep_last)
-
-    def epoch_batches(epoch: int, start: int):
-        batches.set_position(epoch, start)
-        epoch_sampler.limit = micro_per_epoch - start
-        return loader
-
-    def forward(batch: dict[str, torch.Tensor], epoch: int, micro: int):
+    def forward(self, net: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int, micro_step: int):
+        device = self.placement.device
         images = batch["image"].to(device, non_blocking=True)
         out = net(images, noise=batch["noise"].to(device, non_blocking=True))
         return out.loss, out.losses, images.shape[0]
 
-    def loss_fields(losses: list[float]) -> dict[str, float]:
+    def loss_fields(self, losses: list[float]) -> dict[str, float]:
         return {"loss": sum(losses), **{f"loss_scale{k}": v for k, v in enumerate(losses)}}
 
-    def on_epoch_end(position: Position) -> None:
-        if tr.visualize_every and position.epoch % tr.visualize_every == 0 and world.is_main:
-            _progress_figure(model, settings.model.target.name, paths, run_dir, position.epoch, tr.seed)
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"cells_px": self.model.cells_px, "tap_layers": self.model.encoder.tap_layers}
 
-    loop = Loop(net=net, model=model, optimizer=optimizer, scaler=scaler, world=world, device=device,
-                precision=precision, train=tr, optim=opt_s, lr=lr, steps_per_epoch=steps_per_epoch,
-                n_losses=len(model.scales), ckpt_dir=ckpt_dir, epoch_batches=epoch_batches,
-                forward=forward, loss_fields=loss_fields, on_epoch_end=on_epoch_end,
-                save=save_checkpoint, metrics_write=metrics_log.write)
-    with StepProgress(console, total_steps, pos.step, world.is_main) as progress:
-        summary = run_loop(loop, pos, progress)
-    return {**summary, "run_dir": str(run_dir), "epochs": tr.epochs}
+    def _source(self) -> str:
+        return str(self.settings.data.path) if self.settings.data.path else "built-in sample photos"
 
+    def data_record(self) -> dict[str, Any]:
+        paths = self.dataset.paths
+        return {"source": self._source(), "images": len(paths), "fingerprint": fingerprint(paths),
+                "unreadable": [f"{p}: {why}" for p, why in self.unreadable]}
 
-class _EpochBatches:
-    """Yields [(epoch, index), ...] batches of the current position, cut to `limit` micro-steps
-    (whole optimizer steps only)."""
+    def describe(self) -> list[str]:
+        return [f"data: {len(self.dataset.paths)} images ({self._source()})"]
 
-    def __init__(self, inner: StepBatches):
-        self.inner, self.limit = inner, len(inner)
-
-    def __len__(self) -> int:
-        return min(len(self.inner), self.limit)
-
-    def __iter__(self):
-        for i, batch in enumerate(self.inner):
-            if i >= self.limit:
-                return
-            yield [(self.inner.epoch, index) for index in batch]
+    def on_epoch_end(self, position: Position, log: RunLog) -> None:
+        every = self.settings.train.visualize_every
+        if every and position.epoch % every == 0 and self.placement.world.is_main:
+            _progress_figure(self.model, self.settings.model.target.name, self.dataset.paths, self.run_dir,
+                             position.epoch, self.settings.train.seed)
 
 
 def _progress_figure(model: LocalMIM, target_name: str, paths: list[Path], run_dir: Path, epoch: int,

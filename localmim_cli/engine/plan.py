@@ -1,0 +1,59 @@
+"""How long a training run is and at what learning rate: one arithmetic for every training task.
+
+Steps per epoch follow from the images each process reads per micro-step; the effective batch
+and the peak lr come from `config.presets`, the same arithmetic `presets show` prints, so a
+run and its recipe can never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from localmim_cli.config.presets import effective_batch, scaled_lr, scaling_line
+from localmim_cli.engine.schedule import lr_at
+from localmim_cli.errors import DataError
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    steps_per_epoch: int      # optimizer steps; leftover micro-batches of an epoch are dropped
+    accum_steps: int          # micro-steps per optimizer step
+    epochs: int
+    effective_batch: int      # images per optimizer step over all processes
+    lr: float                 # peak of the schedule
+    min_lr: float
+    warmup_epochs: float
+    scaling: str              # the effective batch and lr arithmetic, as one line
+
+    @property
+    def micro_steps_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.accum_steps
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def lr_at(self, step: int) -> float:
+        """lr of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+        return lr_at(step, self.steps_per_epoch, self.lr, self.min_lr, self.warmup_epochs, self.epochs)
+
+
+def plan_steps(n_images: int, settings: Any, world_size: int) -> StepPlan:
+    """The plan for `n_images` per epoch under `settings` (with `train` and `optim` tables).
+
+    A global micro-batch is batch_size x world_size images and the incomplete last one is
+    dropped; an epoch too small for one full optimizer step is a DataError that says what to
+    change.
+    """
+    tr, opt = settings.train, settings.optim
+    micro_steps = n_images // (tr.batch_size * world_size)
+    steps_per_epoch = micro_steps // tr.accum_steps
+    if steps_per_epoch < 1:
+        raise DataError(f"{n_images} training images make no full optimizer step of {tr.batch_size} "
+                        f"per device x {world_size} process(es) x {tr.accum_steps} accumulation; lower "
+                        "train.batch_size or raise data.repeats")
+    return StepPlan(steps_per_epoch=steps_per_epoch, accum_steps=tr.accum_steps, epochs=tr.epochs,
+                    effective_batch=effective_batch(settings, world_size), lr=scaled_lr(settings, world_size),
+                    min_lr=opt.min_lr, warmup_epochs=opt.warmup_epochs,
+                    scaling=scaling_line(settings, world_size))

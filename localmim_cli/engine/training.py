@@ -1,0 +1,155 @@
+"""One training run of any task: everything but the task's own model, data and loss.
+
+    with process_group(settings.train) as placement:
+        resumed = checked_resume(run_dir, resume, settings, RESUMABLE_CHANGES)
+        task = ...                          # the task's model and dataset (weights from `resumed`)
+        summary = train(task, resolved, run_dir, resumed, console, placement)
+
+`train` plans the steps and the lr, makes the optimizer and grad scaler from the task's
+parameter groups, restores a resumed run exactly, writes settings, provenance and manifest,
+wraps the model for DDP, feeds it from one loader that lives as long as the run, and runs the
+step loop with checkpoints, metrics.jsonl and progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from localmim_cli.data.samplers import StepBatches, loader_kwargs
+from localmim_cli.engine import checkpoints, distributed, runs
+from localmim_cli.engine.loop import Placement, RunOutput, Trainer, resolve_precision, run_loop
+from localmim_cli.engine.plan import plan_steps
+from localmim_cli.engine.progress import StepProgress
+from localmim_cli.engine.task import Position, TrainingTask
+from localmim_cli.errors import RunDirError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from localmim_cli.config.layers import Resolved
+
+
+@contextlib.contextmanager
+def process_group(train_settings: Any) -> Iterator[Placement]:
+    """This process's place in the run (torchrun's process group joined, when there is one),
+    with the device and precision that `train.device` and `train.precision` ask for."""
+    world = distributed.from_environment()
+    device = distributed.choose_device(train_settings.device, world)
+    distributed.init(world, device)
+    try:
+        yield Placement(world, device, resolve_precision(train_settings.precision, device))
+    finally:
+        distributed.shutdown(world)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as {"a.b.c": value}; plugin `options` stay whole, as one value."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "options":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], allowed: set[str]) -> None:
+    """Refuse a resume that would change the recipe: only the `allowed` settings may differ."""
+    before, now = flatten(saved), flatten(current)
+    changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in allowed]
+    if changed:
+        diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise RunDirError(f"--resume would change settings the run was started with ({diffs}); "
+                          f"start a new run instead, or change only {', '.join(sorted(allowed))}")
+
+
+def checked_resume(run_dir: Path, resume: bool, settings: Any, allowed: set[str]) -> checkpoints.Checkpoint | None:
+    """With --resume, the run's latest checkpoint, once its recipe is known to match `settings`
+    but for the `allowed` settings; else None. Call it before anything is written."""
+    if not resume:
+        return None
+    ckpt = checkpoints.load(run_dir / "checkpoints")
+    check_resume_compatible(ckpt.meta["settings"], settings.model_dump(mode="json"), allowed)
+    return ckpt
+
+
+def run_loader(dataset: Dataset, sampler: StepBatches, workers: int, device: torch.device) -> DataLoader:
+    """One loader for the whole run: its workers persist across epochs, so no epoch pays their
+    start-up again. Between passes the sampler moves (`set_position`), and the epoch rides along
+    with every index, since the workers keep the dataset copy they started with."""
+    return DataLoader(dataset, batch_sampler=sampler, **loader_kwargs(workers, device, persistent=True))
+
+
+def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkpoints.Checkpoint | None,
+          console: Console, placement: Placement) -> dict[str, Any]:
+    """Train `task` to the end of `train.epochs`, from the start or from `resumed` (a checkpoint
+    `checked_resume` returned); returns the last metrics record with "steps", "run_dir" and
+    "epochs". Every process calls this; the main process alone writes."""
+    settings = resolved.settings
+    tr, opt = settings.train, settings.optim
+    world, device = placement.world, placement.device
+    say = console.print if world.is_main else (lambda *a, **k: None)
+
+    plan = plan_steps(len(task.dataset), settings, world.size)
+    optimizer = torch.optim.AdamW(task.param_groups(), lr=plan.lr, betas=opt.betas)
+    scaler = torch.amp.GradScaler(device.type, enabled=placement.precision == "fp16")
+    metrics = runs.MetricsLog(run_dir / "metrics.jsonl")
+    ckpt_dir = run_dir / "checkpoints"
+    pos = Position()
+    if resumed is not None:
+        task.restore(resumed)
+        training = resumed.training_state()
+        optimizer.load_state_dict(training["optimizer"])
+        scaler.load_state_dict(training["scaler"])
+        pos = Position(**resumed.meta["position"])
+        if world.is_main:
+            metrics.truncate_after(pos.step)
+        say(f"resuming from {resumed.path.name}: epoch {pos.epoch}, step {pos.step}")
+
+    if world.is_main:
+        resolved.write(run_dir)
+        task.write_files(run_dir)
+        runs.write_manifest(run_dir, runs.manifest(world, device, tr.seed, task.data_record(), {
+            "precision": placement.precision, "effective_batch": plan.effective_batch, "lr": plan.lr,
+            "resumed": resumed is not None, **task.run_record()}))
+    for line in task.describe():
+        say(line)
+    say(f"{plan.steps_per_epoch} steps/epoch x {plan.epochs} epochs on {device} "
+        f"({world.size} process(es), {placement.precision})")
+    say(plan.scaling)
+
+    net = DistributedDataParallel(task.model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world.distributed else task.model
+    sampler = StepBatches(len(task.dataset), tr.batch_size, world.rank, world.size, tr.seed)
+    loader = run_loader(task.dataset, sampler, settings.data.workers, device)
+
+    def batches(epoch: int, start: int) -> DataLoader:
+        sampler.set_position(epoch, start, plan.micro_steps_per_epoch)
+        return loader
+
+    def save(position: Position) -> None:
+        if not world.is_main:
+            return
+        meta = {"kind": task.kind, "position": dataclasses.asdict(position),
+                "settings": settings.model_dump(mode="json"), "provenance": resolved.provenance,
+                "run_dir": str(run_dir), **task.checkpoint_meta()}
+        checkpoints.save(ckpt_dir, f"step-{position.step:08d}", task.model.state_dict(), meta,
+                         {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
+                         keep_last=tr.keep_last)
+
+    task.model.train()
+    with StepProgress(console, plan.total_steps, pos.step, world.is_main, label=task.kind) as progress:
+        trainer = Trainer(task=task, net=net, optimizer=optimizer, scaler=scaler, clip_grad=opt.clip_grad,
+                          placement=placement, plan=plan, log_every=tr.log_every,
+                          checkpoint_every=tr.checkpoint_every, batches=batches, save=save,
+                          ckpt_dir=ckpt_dir, output=RunOutput(metrics, progress, world.is_main))
+        summary = run_loop(trainer, pos)
+    return {**summary, "run_dir": str(run_dir), "epochs": tr.epochs}

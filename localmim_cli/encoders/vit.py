@@ -21,7 +21,9 @@ from localmim_cli.plugins.api import EncoderPlugin
 from localmim_cli.model.positions import sincos_2d
 from localmim_cli.model.init import xavier_linears_unit_norms
 
-# Published sizes (width, depth, heads); the patch size is a separate option.
+# The ViT sizes (width, depth, heads), named as timm names them; the patch size is a separate
+# option. The one table of sizes: arch options, timm names of checkpoints and the heads of
+# published files (which do not hold them) all read it.
 VIT_ARCHS: dict[str, tuple[int, int, int]] = {
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),
@@ -29,6 +31,11 @@ VIT_ARCHS: dict[str, tuple[int, int, int]] = {
     "vit_large": (1024, 24, 16),
     "vit_huge": (1280, 32, 16),
 }
+
+
+def vit_arch_of(embed_dim: int, depth: int, num_heads: int) -> str | None:
+    """The VIT_ARCHS name of these sizes ("vit_base"), when they are one of them."""
+    return next((name for name, dims in VIT_ARCHS.items() if dims == (embed_dim, depth, num_heads)), None)
 
 
 class ViTOptions(BaseModel):
@@ -60,14 +67,6 @@ class ViTOptions(BaseModel):
         if self.embed_dim % 4:
             raise ValueError(f"embed_dim {self.embed_dim} must be divisible by 4 (2-D sin-cos positions)")
         return self
-
-    @property
-    def timm_name(self) -> str | None:
-        """The timm architecture this encoder's weights load into, when there is one."""
-        for name, dims in VIT_ARCHS.items():
-            if dims == (self.embed_dim, self.depth, self.num_heads) and self.mlp_ratio == 4.0:
-                return f"{name}_patch{self.patch_size}_224"
-        return None
 
 
 def default_vit_taps(depth: int) -> list[int]:

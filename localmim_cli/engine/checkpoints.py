@@ -101,28 +101,11 @@ def read_latest_name(folder: Path) -> str | None:
 
 
 def load(path: Path) -> Checkpoint:
-    """A checkpoint folder, its model.safetensors, a run directory, or a checkpoints/ folder."""
-    path = Path(path)
-    if path.is_file() and path.name == "model.safetensors":
-        path = path.parent
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if (path / LATEST).is_file() or path.name == "checkpoints":
-        name = read_latest_name(path)
-        if name is None or not (path / name / "meta.json").is_file():
-            found = list_checkpoints(path)
-            if not found:
-                raise CheckpointError(f"{path}: no checkpoint here yet")
-            name = found[-1].name
-        path = path / name
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
-        raise CheckpointError(f"{path}: not a localmim checkpoint (no meta.json); pass a run "
-                              "directory, a checkpoint folder, or a published .pth/.safetensors file")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{meta_file}: unreadable metadata ({exc})") from None
-    if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
-    return Checkpoint(path, meta)
+    """A checkpoint folder, its model.safetensors, a run directory, or a checkpoints/ folder (the
+    latest checkpoint of the last two), as weights/locate.py tells them apart."""
+    from localmim_cli.weights.locate import checkpoint_folder
+
+    found = checkpoint_folder(path)
+    if found.meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{found.folder}: checkpoint format {found.meta.get('format')} is not {FORMAT_VERSION}")
+    return Checkpoint(found.folder, found.meta)

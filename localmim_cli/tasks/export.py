@@ -165,6 +165,7 @@ def export_encoder(checkpoint: Path, out: Path, *, with_head: bool = False, over
 
 def _vit_model(weights, num_classes: int, with_head: bool):
     """(model with the weights, arch, model_args, config.json, description) of a ViT checkpoint."""
+    from localmim_cli.weights.loading import load_exactly
     from localmim_cli.weights.sources import create_vit, timm_model_args
 
     shape = weights.shape
@@ -174,10 +175,7 @@ def _vit_model(weights, num_classes: int, with_head: bool):
     model_args = timm_model_args(shape, weights.pooling, num_classes)
     model = create_vit(shape, num_classes=num_classes, pooling=weights.pooling, arch=arch).eval()
     state = {k: v for k, v in weights.state.items() if with_head or not k.startswith("head.")}
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ExportError(f"{weights.source}: weights do not fit {shape.describe()}: missing "
-                          f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
+    load_exactly(model, state, weights.source)
     return model, arch, model_args, config_for(weights, arch, model_args, num_classes), shape.describe()
 
 
@@ -187,7 +185,7 @@ def _plugin_model(weights, num_classes: int, with_head: bool):
 
     record = via_timm.plugin_record(weights)
     name = record["encoder"]["name"]
-    if weights.kind == "pretrain":
+    if weights.pretrained_encoder:
         model = via_timm.pretrained_timm(weights)
     else:
         model = via_timm.finetuned_from_weights(weights, num_classes)
@@ -202,7 +200,7 @@ def _plugin_model(weights, num_classes: int, with_head: bool):
     del ours["shape"]
     ours.update(encoder_plugin=record, via=via_timm.VIA,
                 features=f"the {name!r} encoder plugin's forward_features (its to_timm() model's pre-logits)"
-                         if weights.kind == "pretrain" else _FEATURES["pool_then_norm"])
+                         if weights.pretrained_encoder else _FEATURES["pool_then_norm"])
     return model.eval(), arch, model_args, config, via_timm.describe(record, arch)
 
 

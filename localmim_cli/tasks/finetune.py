@@ -74,8 +74,8 @@ def build_classifier(shape: "ViTShape | PluginShape", num_classes: int, settings
     from timm.layers import trunc_normal_
 
     from localmim_cli.weights.sources import create_vit, fit_positions
+    from localmim_cli.weights.loading import load_exactly
     from localmim_cli.weights.via_timm import PluginShape, init_classifier
-    from localmim_cli.errors import CheckpointError
 
     if isinstance(shape, PluginShape):
         return init_classifier(shape, weights, num_classes, settings.model.head_init_std)
@@ -83,11 +83,7 @@ def build_classifier(shape: "ViTShape | PluginShape", num_classes: int, settings
                        drop_path=settings.model.drop_path, arch=settings.model.arch)
     if weights is not None:
         state = fit_positions(weights.encoder_state(), weights.shape, shape.img_size)
-        result = model.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith(("fc_norm.", "head."))]
-        if missing or result.unexpected_keys:
-            raise CheckpointError(f"{weights.source}: encoder weights do not fit {shape.describe()}: "
-                                  f"missing {missing[:8]}, unexpected {result.unexpected_keys[:8]}")
+        load_exactly(model, state, weights.source, allow_missing=("fc_norm.", "head."))
     with torch.no_grad():
         trunc_normal_(model.head.weight, std=settings.model.head_init_std)
         torch.nn.init.zeros_(model.head.bias)
@@ -284,11 +280,9 @@ class FinetuneTask(TrainingTask):
                 "val": self.last_val, "best": self.best}
 
     def restore(self, ckpt: "Checkpoint") -> None:
-        from localmim_cli.errors import CheckpointError
+        from localmim_cli.weights.loading import load_exactly
 
-        result = self.model.load_state_dict(ckpt.model_state(), strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise CheckpointError(f"{ckpt.path}: weights do not fit the model it describes")
+        load_exactly(self.model, ckpt.model_state(), ckpt.path)
         self.best, self.last_val = ckpt.meta.get("best") or {}, ckpt.meta.get("val") or {}
 
     def data_record(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from localmim_cli.model.localmim import LocalMIM
+    from localmim_cli.weights.locate import TensorFile
     from localmim_cli.data.prepared import PreparedImage
 
 DEFAULT_FIGURE = "reconstruction.png"
@@ -51,50 +52,40 @@ def _describe_encoder_only(state: dict) -> str:
 def load_for_visualize(path: Path | str) -> tuple["LocalMIM", dict[str, Any], str]:
     """(model in eval mode on the CPU, settings dict with a "model" entry, where it came from).
 
-    Accepts a run directory, its checkpoints/ folder, a checkpoint folder, its model.safetensors,
-    or a published LocalMIM ViT checkpoint (authors' key layout, .pth or .safetensors). A
-    checkpoint without decoders (exported encoder, fine-tuned model) is refused with ValueError.
+    Takes what weights/locate.py recognises and has decoders: a pretraining run, checkpoint or
+    its model.safetensors, or a published LocalMIM ViT or Swin pretraining checkpoint (authors'
+    key layout, .pth or .safetensors). Anything without decoders (an exported encoder, a
+    fine-tuned model, MAE's encoder) is refused with a CheckpointError saying what to pass.
     """
+    from safetensors.torch import load_file
+
     from localmim_cli.engine import checkpoints
+    from localmim_cli.weights.locate import CheckpointFolder, ExportFolder, locate, without_meta
 
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint; pass a run directory, a checkpoint "
-                              "folder, or a published .pth/.safetensors file")
-    if path.is_file() and not (path.name == "model.safetensors" and (path.parent / "meta.json").is_file()):
-        return _load_single_file(path)
-    if path.is_dir() and (path / "model.safetensors").is_file() and not (path / "meta.json").is_file():
-        return _load_single_file(path / "model.safetensors")  # e.g. a `localmim export` folder
-    try:
-        ckpt = checkpoints.load(path)
-    except CheckpointError:
-        meta_file = (path if path.is_dir() else path.parent) / "meta.json"
-        kind = _peek_kind(meta_file)
-        if kind not in (None, "pretrain"):
-            why = f"its meta.json says it is a {kind!r} checkpoint"
-            raise _refuse_without_decoders(meta_file.parent, why) from None
-        raise
-    return _load_ours(ckpt)
-
-
-def _peek_kind(meta_file: Path) -> str | None:
-    try:
-        return json.loads(meta_file.read_text()).get("kind")
-    except (OSError, ValueError, AttributeError):
-        return None
+    found = locate(path)
+    if isinstance(found, CheckpointFolder):
+        if found.kind != "pretrain":
+            init = found.meta.get("init")
+            init = init.get("source") if isinstance(init, dict) else init
+            why = f"its meta.json says it is a {found.kind!r} checkpoint" + (f" (initialised from {init})" if init else "")
+            raise _refuse_without_decoders(found.folder, why)
+        return _load_ours(checkpoints.load(found.folder))
+    if isinstance(found, ExportFolder):
+        model_file = found.folder / "model.safetensors"
+        raise _refuse_without_decoders(model_file, _describe_encoder_only(load_file(str(model_file))))
+    if found.layout in ("localmim_vit", "localmim_swin"):
+        return _load_published(found)
+    if found.layout == "ours" and any(k.startswith("decoders.") for k in found.state):
+        raise without_meta(found.path)
+    raise _refuse_without_decoders(found.path, _describe_encoder_only(found.state))
 
 
 def _load_ours(ckpt) -> tuple["LocalMIM", dict[str, Any], str]:
     from localmim_cli.model.build import build_model
     from localmim_cli.config.schema import ModelSettings
+    from localmim_cli.weights.loading import load_exactly
 
     meta = ckpt.meta
-    kind = meta.get("kind")
-    if kind not in (None, "pretrain"):
-        init = meta.get("init")
-        init = init.get("source") if isinstance(init, dict) else init
-        why = f"its meta.json says it is a {kind!r} checkpoint" + (f" (initialised from {init})" if init else "")
-        raise _refuse_without_decoders(ckpt.path, why)
     state = ckpt.model_state()
     if not any(k.startswith("decoders.") for k in state):
         raise _refuse_without_decoders(ckpt.model_file, _describe_encoder_only(state))
@@ -102,42 +93,29 @@ def _load_ours(ckpt) -> tuple["LocalMIM", dict[str, Any], str]:
     if not isinstance(settings, dict) or "model" not in settings:
         raise CheckpointError(f"{ckpt.path / 'meta.json'}: no model settings recorded; cannot rebuild the model")
     model = build_model(ModelSettings.model_validate(settings["model"]))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt.model_file}: weights do not fit the recorded settings "
-                              f"({str(exc).splitlines()[0]})") from None
+    load_exactly(model, state, ckpt.model_file)
     position = meta.get("position") or {}
     where = ", ".join(f"{k} {position[k]}" for k in ("epoch", "step") if k in position)
     return model.eval(), settings, f"{ckpt.path} (pretraining checkpoint{', ' + where if where else ''})"
 
 
-def _load_single_file(path: Path) -> tuple["LocalMIM", dict[str, Any], str]:
+def _load_published(found: "TensorFile") -> tuple["LocalMIM", dict[str, Any], str]:
+    """A published LocalMIM pretraining checkpoint, its settings read off the file."""
     from localmim_cli.model.build import build_model
-    from localmim_cli.weights.published import is_published_layout, load_published_into, read_published, settings_from_published
+    from localmim_cli.weights.published import load_published_into, settings_from_published
+    from localmim_cli.weights.published_swin import load_published_swin_into, settings_from_published_swin
 
-    if path.suffix not in (".pth", ".pt", ".bin", ".ckpt", ".safetensors"):
-        raise CheckpointError(f"{path}: not a checkpoint file (.pth, .pt, .safetensors) nor a run "
-                              "directory or checkpoint folder")
-    try:
-        state, args = read_published(path)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types on a broken file
-        raise CheckpointError(f"{path}: cannot read this checkpoint ({exc})") from None
-    if is_published_layout(state):
-        settings = settings_from_published(state, args)
+    if found.layout == "localmim_swin":
+        settings = settings_from_published_swin(found.state, found.args, str(found.path))
         model = build_model(settings)
-        load_published_into(model, state).raise_if_incomplete(path)
-        return model.eval(), {"model": settings.model_dump(mode="json")}, \
-            f"{path} (published LocalMIM checkpoint, authors' key layout)"
-    if any(k.startswith("decoders.") for k in state):
-        raise CheckpointError(f"{path}: weights in our layout but no meta.json beside them, so the "
-                              "model cannot be rebuilt; pass the checkpoint folder that holds both")
-    if any(k.startswith("decoder") for k in state):
-        raise CheckpointError(f"{path}: has decoder weights in a layout this version cannot read "
-                              "(expected the published LocalMIM ViT layout: blocks.N, norm.K, decoder.K)")
-    raise _refuse_without_decoders(path, _describe_encoder_only(state))
+        load_published_swin_into(model, found.state, str(found.path))
+        what = "published LocalMIM Swin checkpoint"
+    else:
+        settings = settings_from_published(found.state, found.args, found.path)
+        model = build_model(settings)
+        load_published_into(model, found.state).raise_if_incomplete(found.path)
+        what = "published LocalMIM checkpoint"
+    return model.eval(), {"model": settings.model_dump(mode="json")}, f"{found.path} ({what}, authors' key layout)"
 
 
 # -- masks ------------------------------------------------------------------------------------

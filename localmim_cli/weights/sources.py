@@ -1,41 +1,42 @@
-"""Encoder weights from anything a user may point at, as one timm-named ViT state dict.
-
-Accepted sources, told apart by what is on disk:
+"""Encoder weights from anything a user may point at (what locate.py recognises):
 
     pretrain run, checkpoint folder, its model.safetensors     meta.json kind "pretrain"
     finetune run or checkpoint                                 meta.json kind "finetune"
     exported encoder folder (`localmim export`)                config.json + model.safetensors
-    published .pth / .safetensors file                         authors' LocalMIM layout (blocks.N,
-                                                               norm.K, decoder.K.*) or MAE's
-                                                               (norm.*, decoder_*, mask_token)
+    published .pth / .safetensors file                         authors' LocalMIM ViT layout
+                                                               (blocks.N, norm.K, decoder.K.*),
+                                                               MAE's (norm.*, decoder_*), or the
+                                                               authors' LocalMIM Swin layout
 
-Whatever the source, `EncoderWeights.state` uses timm's VisionTransformer names: patch_embed.*,
-cls_token, pos_embed, blocks.N.*, and where the source has one, the norm the features go
-through: `norm.*` (per token before pooling: a pretrained encoder's last tap norm, or MAE's final
-norm) or `fc_norm.*` (after pooling: a fine-tuned model), plus `head.*` for a fine-tuned model.
-Decoders, the other tap norms and HOG constants are pretraining-only and dropped here.
+For a ViT, `EncoderWeights.state` uses timm's VisionTransformer names: patch_embed.*, cls_token,
+pos_embed, blocks.N.*, and where the source has one, the norm the features go through: `norm.*`
+(per token before pooling: a pretrained encoder's last tap norm, or MAE's final norm) or
+`fc_norm.*` (after pooling: a fine-tuned model), plus `head.*` for a fine-tuned model.
+Decoders, the other tap norms and HOG constants are pretraining-only and dropped here. Other
+encoders (plugins, the published Swin) keep their own encoder's names; via_timm.py takes them on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from localmim_cli.errors import CheckpointError, ModelError
+from localmim_cli.weights.loading import load_exactly
+from localmim_cli.weights.locate import CheckpointFolder, ExportFolder, TensorFile, locate, without_meta
+
+if TYPE_CHECKING:
+    from localmim_cli.engine.checkpoints import Checkpoint
 
 Kind = Literal["pretrain", "finetune", "published", "export"]
 # What a checkpoint's features are: mean of normed tokens, norm of the mean, or a plain mean.
 Pooling = Literal["norm_then_pool", "pool_then_norm", "pool"]
 
-# timm's named sizes: (width, depth, heads) -> name stem; the patch size goes into the name.
-_TIMM_SIZES = {(192, 12, 3): "vit_tiny", (384, 12, 6): "vit_small", (768, 12, 12): "vit_base",
-               (1024, 24, 16): "vit_large", (1280, 32, 16): "vit_huge"}
 FALLBACK_ARCH = "vit_base_patch16_224"   # any size builds from it: the kwargs replace its sizes
 
 
@@ -61,7 +62,9 @@ class ViTShape:
         """timm's name for this size (e.g. vit_base_patch16_224), when timm has one."""
         import timm
 
-        stem = _TIMM_SIZES.get((self.embed_dim, self.depth, self.num_heads))
+        from localmim_cli.encoders.vit import vit_arch_of
+
+        stem = vit_arch_of(self.embed_dim, self.depth, self.num_heads)
         if stem is None or self.mlp_ratio != 4.0 or not self.qkv_bias:
             return None
         name = f"{stem}_patch{self.patch_size}_224"
@@ -95,7 +98,7 @@ class EncoderWeights:
     run_dir: Path | None = None        # the run directory the checkpoint belongs to, if any
     model_file: Path | None = None     # the tensor file read (for cache keys)
     meta: dict[str, Any] = field(default_factory=dict)
-    encoder_name: str = "vit"          # the pretraining encoder plugin (pretrain kind)
+    encoder_name: str = "vit"          # the pretraining encoder plugin (pretrain kind, published Swin)
 
     def identity(self) -> dict[str, Any]:
         """What identifies these weights for a feature cache: the file, its size and mtime."""
@@ -111,6 +114,12 @@ class EncoderWeights:
         guessed = ("; the file does not say how many attention heads, so "
                    f"{self.shape.num_heads} was assumed" if self.meta.get("heads_guessed") else "")
         return f"{self.kind} checkpoint {self.source}: {self.shape.describe()}{guessed}"
+
+    @property
+    def pretrained_encoder(self) -> bool:
+        """Weights of one of our pretraining encoders, whole (a pretrain checkpoint, a published
+        LocalMIM Swin): its meta holds the model settings, its features are forward_features."""
+        return self.kind == "pretrain" or (self.kind == "published" and self.encoder_name != "vit")
 
     @property
     def has_head(self) -> bool:
@@ -132,37 +141,27 @@ class EncoderWeights:
 
 def load_encoder_weights(path: Path | str) -> EncoderWeights:
     """Read any supported source; raises CheckpointError naming the path and what is wrong."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file or folder")
-    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file() \
-            and not (path / "meta.json").is_file():
-        return _from_export(path)
-    if path.is_file() and path.name == "model.safetensors" and (path.parent / "config.json").is_file() \
-            and not (path.parent / "meta.json").is_file():
-        return _from_export(path.parent)
-    if path.is_dir() or (path.name == "model.safetensors" and (path.parent / "meta.json").is_file()):
-        from localmim_cli.engine import checkpoints
-        ckpt = checkpoints.load(path)
-        kind = ckpt.meta.get("kind", "pretrain")
-        if kind == "pretrain":
-            return _from_pretrain(path, ckpt)
-        if kind == "finetune":
-            return _from_finetune(path, ckpt)
-        raise CheckpointError(f"{ckpt.path}: checkpoint kind {kind!r} is not one this command reads "
+    from localmim_cli.engine import checkpoints
+
+    found = locate(path)
+    if isinstance(found, ExportFolder):
+        return _from_export(found.folder)
+    if isinstance(found, CheckpointFolder):
+        ckpt = checkpoints.load(found.folder)
+        if found.kind == "pretrain":
+            return _from_pretrain(found, ckpt)
+        if found.kind == "finetune":
+            return _from_finetune(found, ckpt)
+        raise CheckpointError(f"{found.folder}: checkpoint kind {found.kind!r} is not one this command reads "
                               "(pretrain or finetune)")
-    return _from_published(path)
+    if found.layout == "localmim_swin":
+        return _from_published_swin(found)
+    if found.layout == "ours":
+        raise without_meta(found.path)
+    return _from_published_vit(found)
 
 
-def run_dir_of(checkpoint_folder: Path) -> Path | None:
-    """checkpoints/step-N -> the run directory, when the layout is a run's."""
-    parent = checkpoint_folder.parent
-    if parent.name == "checkpoints" and (parent.parent / "settings.json").is_file():
-        return parent.parent
-    return None
-
-
-def _from_pretrain(source: Path, ckpt) -> EncoderWeights:
+def _from_pretrain(found: CheckpointFolder, ckpt: "Checkpoint") -> EncoderWeights:
     from localmim_cli.config.schema import ModelSettings
 
     try:
@@ -181,13 +180,13 @@ def _from_pretrain(source: Path, ckpt) -> EncoderWeights:
         taps = list(ckpt.meta.get("tap_layers") or model_settings.taps or default_vit_taps(options.depth))
         encoder = _keep_last_tap_norm(encoder, taps, options.depth)
     pooling: Pooling = "norm_then_pool" if "norm.weight" in encoder else "pool"
-    return EncoderWeights("pretrain", source, weights_shape or _unknown_shape(), encoder, pooling,
-                          run_dir=run_dir_of(ckpt.path), model_file=ckpt.model_file, meta=ckpt.meta,
+    return EncoderWeights("pretrain", found.path, weights_shape or _unknown_shape(), encoder, pooling,
+                          run_dir=found.run_dir, model_file=ckpt.model_file, meta=ckpt.meta,
                           encoder_name=name)
 
 
-def _unknown_shape() -> ViTShape:
-    return ViTShape(0, 0, 0, 0, 0)
+def _unknown_shape(img_size: int = 0) -> ViTShape:
+    return ViTShape(img_size, 0, 0, 0, 0)
 
 
 def _keep_last_tap_norm(encoder: dict[str, torch.Tensor], taps: list[int], depth: int) -> dict[str, torch.Tensor]:
@@ -202,20 +201,20 @@ def _keep_last_tap_norm(encoder: dict[str, torch.Tensor], taps: list[int], depth
     return out
 
 
-def _from_finetune(source: Path, ckpt) -> EncoderWeights:
+def _from_finetune(found: CheckpointFolder, ckpt: "Checkpoint") -> EncoderWeights:
     timm_meta = ckpt.meta.get("timm") or {}
     plugin = timm_meta.get("plugin")
     if plugin:   # built via an encoder plugin's to_timm(): no ViT shape, the image size only
-        return EncoderWeights("finetune", source, ViTShape(int(plugin["img_size"]), 0, 0, 0, 0), ckpt.model_state(),
+        return EncoderWeights("finetune", found.path, _unknown_shape(int(plugin["img_size"])), ckpt.model_state(),
                               "pool_then_norm", classes=list(ckpt.meta.get("classes") or []),
-                              run_dir=run_dir_of(ckpt.path), model_file=ckpt.model_file, meta=ckpt.meta,
+                              run_dir=found.run_dir, model_file=ckpt.model_file, meta=ckpt.meta,
                               encoder_name=plugin["encoder"]["name"])
     try:
         shape = ViTShape(**timm_meta["shape"])
     except Exception as exc:
         raise CheckpointError(f"{ckpt.path}: its meta.json does not describe the model ({exc})") from None
-    return EncoderWeights("finetune", source, shape, ckpt.model_state(), "pool_then_norm",
-                          classes=list(ckpt.meta.get("classes") or []), run_dir=run_dir_of(ckpt.path),
+    return EncoderWeights("finetune", found.path, shape, ckpt.model_state(), "pool_then_norm",
+                          classes=list(ckpt.meta.get("classes") or []), run_dir=found.run_dir,
                           model_file=ckpt.model_file, meta=ckpt.meta)
 
 
@@ -251,45 +250,46 @@ def _side(size: Any) -> int:
     return int(size)
 
 
-_HEADS_BY_NAME = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16}
+def _from_published_vit(found: TensorFile) -> EncoderWeights:
+    """A published LocalMIM or MAE ViT (or any ViT in timm's names): the encoder and its norm."""
+    from localmim_cli.weights.published import published_vit_dims
 
-
-def _from_published(path: Path) -> EncoderWeights:
-    from localmim_cli.weights.published import read_published
-
-    state, args = read_published(path)
-    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight")
-    missing = [k for k in needed if k not in state]
-    if missing:
-        raise CheckpointError(f"{path}: not a ViT checkpoint in the published LocalMIM/MAE layout "
-                              f"(no {', '.join(missing)}); pass a run directory, a localmim checkpoint, "
-                              "an exported encoder folder, or a published ViT .pth")
-    dim = state["cls_token"].shape[-1]
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    patch = state["patch_embed.proj.weight"].shape[-1]
-    side = round((state["pos_embed"].shape[1] - 1) ** 0.5)
-    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-    name = str(args.get("model", ""))
-    heads = next((h for size, h in _HEADS_BY_NAME.items() if size in name), None)
-    guessed = heads is None or dim % heads != 0
-    if guessed:
-        heads = max(1, dim // 64)   # every published ViT size but huge has 64-wide heads
-    shape = ViTShape(side * patch, patch, dim, depth, heads, hidden / dim, "blocks.0.attn.qkv.bias" in state)
-
+    state, args = found.state, found.args
+    vit = published_vit_dims(state, args, found.path)
+    shape = ViTShape(vit.img_size, vit.patch_size, vit.embed_dim, vit.depth, vit.num_heads, vit.mlp_ratio,
+                     vit.qkv_bias)
     encoder = {k: v for k, v in state.items()
                if k in ("cls_token", "pos_embed") or k.startswith(("patch_embed.", "blocks."))}
-    tap_norms = sorted({int(m.group(1)) for k in state if (m := re.match(r"^norm\.(\d+)\.weight$", k))})
-    if tap_norms:   # LocalMIM: one norm per tap; the last one is the features' norm if on the last layer
-        taps = [int(t) + 1 for t in args.get("ID", [])] or [2, 4, depth - 2, depth][-len(tap_norms):]
-        if taps[-1] == depth:
-            last = tap_norms[-1]
+    if vit.taps:   # LocalMIM: one norm per tap; the last one is the features' norm if on the last layer
+        if vit.taps[-1] == vit.depth:
+            last = len(vit.taps) - 1
             encoder["norm.weight"], encoder["norm.bias"] = state[f"norm.{last}.weight"], state[f"norm.{last}.bias"]
     elif "norm.weight" in state:   # MAE: the encoder's final norm
         encoder["norm.weight"], encoder["norm.bias"] = state["norm.weight"], state["norm.bias"]
     pooling: Pooling = "norm_then_pool" if "norm.weight" in encoder else "pool"
-    return EncoderWeights("published", path, shape, encoder, pooling, model_file=path,
-                          meta={"args": {k: v for k, v in args.items() if _jsonable(v)},
-                                "heads_guessed": guessed})
+    return EncoderWeights("published", found.path, shape, encoder, pooling, model_file=found.path,
+                          meta={"args": _jsonable_args(args), "heads_guessed": vit.heads_guessed})
+
+
+def _from_published_swin(found: TensorFile) -> EncoderWeights:
+    """A published LocalMIM Swin: our swin encoder's weights, with the settings read off the file
+    (as a pretrain checkpoint of the swin encoder plugin, which via_timm.py takes on)."""
+    from localmim_cli.weights.published_swin import from_published_swin, settings_from_published_swin
+
+    settings = settings_from_published_swin(found.state, found.args, str(found.path))
+    try:
+        ours = from_published_swin(found.state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{found.path}: {exc}") from None
+    encoder = {k[len("encoder."):]: v for k, v in ours.items() if k.startswith("encoder.")}
+    meta = {"settings": {"model": settings.model_dump(mode="json")}, "tap_layers": settings.taps,
+            "args": _jsonable_args(found.args)}
+    return EncoderWeights("published", found.path, _unknown_shape(settings.img_size), encoder, "norm_then_pool",
+                          model_file=found.path, meta=meta, encoder_name="swin")
+
+
+def _jsonable_args(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in args.items() if _jsonable(v)}
 
 
 def _jsonable(value: Any) -> bool:
@@ -395,7 +395,7 @@ def reference_feature_model(weights: EncoderWeights, img_size: int | None = None
     averaged). Other checkpoints' come from timm: `forward_head(x, pre_logits=True)`, the pooled
     and normed pre-logits of a fine-tuned model.
     """
-    if weights.kind == "pretrain":
+    if weights.pretrained_encoder:
         return _PretrainFeatures(weights, img_size).eval()
     from localmim_cli.weights import via_timm
     if via_timm.is_plugin_checkpoint(weights):
@@ -407,7 +407,7 @@ def reference_feature_model(weights: EncoderWeights, img_size: int | None = None
                        pooling=weights.pooling)
     state = {k: v for k, v in fit_positions(weights.state, weights.shape, size).items()
              if not k.startswith("head.")}
-    _load_strict(model, state, weights.source)
+    load_exactly(model, state, weights.source)
     return _TimmFeatures(model).eval()
 
 
@@ -425,17 +425,8 @@ def classifier_model(weights: EncoderWeights, img_size: int) -> torch.nn.Module:
         return via_timm.finetuned_from_weights(weights)
     shape = dataclasses.replace(weights.shape, img_size=img_size)
     model = create_vit(shape, num_classes=len(weights.classes or []), pooling=weights.pooling)
-    result = model.load_state_dict(fit_positions(weights.state, weights.shape, img_size), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{weights.source}: weights do not fit its own model description")
+    load_exactly(model, fit_positions(weights.state, weights.shape, img_size), weights.source)
     return model
-
-
-def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{source}: weights do not fit the model: missing {result.missing_keys[:8]}, "
-                              f"unexpected {result.unexpected_keys[:8]}")
 
 
 class _TimmFeatures(torch.nn.Module):
@@ -448,6 +439,8 @@ class _TimmFeatures(torch.nn.Module):
 
 
 class _PretrainFeatures(torch.nn.Module):
+    """A pretraining encoder built as its settings say, with its weights: forward_features."""
+
     def __init__(self, weights: EncoderWeights, img_size: int | None):
         super().__init__()
         from localmim_cli.model.build import build_model
@@ -457,18 +450,17 @@ class _PretrainFeatures(torch.nn.Module):
         if img_size and img_size != settings.img_size:
             raise ModelError(f"img_size {img_size}: features of a pretrained encoder are taken at its "
                              f"pretraining size {settings.img_size}; leave img_size unset")
-        model = build_model(settings)
-        state = {k: v for k, v in _read_state(weights).items()}
-        result = model.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if k.startswith("encoder.")]
-        if missing:
-            raise CheckpointError(f"{weights.source}: encoder weights missing: {missing[:8]}")
-        self.encoder = model.encoder
+        self.encoder = build_model(settings).encoder
+        load_exactly(self.encoder, _own_encoder_state(weights), weights.source)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder.forward_features(images)
 
 
-def _read_state(weights: EncoderWeights) -> dict[str, torch.Tensor]:
+def _own_encoder_state(weights: EncoderWeights) -> dict[str, torch.Tensor]:
+    """The encoder's weights in its own names: a ViT's state went to timm's names (tap norms
+    dropped), so its file is read again; other encoders keep theirs."""
+    if weights.encoder_name != "vit":
+        return weights.state
     from safetensors.torch import load_file
-    return load_file(str(weights.model_file))
+    return {k[len("encoder."):]: v for k, v in load_file(str(weights.model_file)).items() if k.startswith("encoder.")}

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from localmim_cli.errors import CheckpointError, ModelError
+from localmim_cli.weights.loading import load_exactly
 
 if TYPE_CHECKING:
     import torch
@@ -32,8 +33,9 @@ VIA = "to_timm"
 
 
 def is_plugin_checkpoint(weights: "EncoderWeights") -> bool:
-    """A pretrain checkpoint of a non-ViT encoder, or a fine-tuned model built via to_timm()."""
-    if weights.kind == "pretrain":
+    """A pretrained non-ViT encoder (a pretrain checkpoint, a published LocalMIM Swin), or a
+    fine-tuned model built via to_timm()."""
+    if weights.pretrained_encoder:
         return weights.encoder_name != "vit"
     return weights.kind == "finetune" and plugin_record(weights) is not None
 
@@ -42,7 +44,7 @@ def plugin_record(weights: "EncoderWeights") -> dict[str, Any] | None:
     """What rebuilds the model (see the module docstring), for either kind of checkpoint."""
     if weights.kind == "finetune":
         return (weights.meta.get("timm") or {}).get("plugin")
-    if weights.kind == "pretrain":
+    if weights.pretrained_encoder:
         model = weights.meta["settings"]["model"]
         return {"via": VIA, "encoder": model["encoder"], "img_size": int(model["img_size"]),
                 "taps": list(weights.meta.get("tap_layers") or model.get("taps") or []) or None}
@@ -77,10 +79,7 @@ def pretrained_timm(weights: "EncoderWeights") -> "torch.nn.Module":
     record = plugin_record(weights)
     name = record["encoder"]["name"]
     encoder = build_encoder(record)
-    result = encoder.load_state_dict(weights.state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{weights.source}: weights do not fit the {name!r} encoder: missing "
-                              f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
+    load_exactly(encoder, weights.state, weights.source)
     return to_timm(encoder.eval(), name)
 
 
@@ -103,10 +102,7 @@ def finetuned_timm(record: dict[str, Any], num_classes: int, state: "dict[str, t
     """The fine-tuning model a record describes; with a checkpoint's state, holding its weights."""
     model = add_classifier(to_timm(build_encoder(record), record["encoder"]["name"]), num_classes)
     if state is not None:
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise CheckpointError(f"{source}: weights do not fit the model its meta.json describes: missing "
-                                  f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
+        load_exactly(model, state, source)
     return model
 
 
@@ -187,7 +183,7 @@ def init_classifier(shape: PluginShape, weights: "EncoderWeights | None", num_cl
     to_timm(), with a new classifier; without weights, fresh (a resumed run loads its own)."""
     if weights is None:
         model = to_timm(build_encoder(shape.record), shape.record["encoder"]["name"])
-    elif weights.kind == "pretrain":
+    elif weights.pretrained_encoder:
         model = pretrained_timm(weights)
     else:
         model = finetuned_from_weights(weights, 0)

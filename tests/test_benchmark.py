@@ -12,7 +12,7 @@ import torch
 from localmim_cli.data.images import load_rgb, to_tensor
 from localmim_cli.data.sample_photos import sample_photo_paths
 from localmim_cli.engine.peak_memory import PeakMemory
-from localmim_cli.engine.step_timer import time_steps
+from localmim_cli.engine.step_timer import time_interleaved, time_steps
 from localmim_cli.targets.hog import HOGOptions, HOGTarget
 from localmim_cli.targets.hog_reference import PublishedHOG
 from localmim_cli.tasks.benchmark import RATIO_KEYS
@@ -101,7 +101,8 @@ def test_the_human_report_names_the_baseline_and_the_ratio(tiny_config):
     assert "tiny.toml / baseline" in result.stdout
     assert "published" in result.stdout and "loader" in result.stdout and "intra-op" in result.stdout
     # progress goes to stderr, one line per phase when stderr is not a terminal
-    assert "baseline step" in result.stderr and "loader feeding the step" in result.stderr
+    assert "baseline: build" in result.stderr and "interleaved" in result.stderr
+    assert "loader feeding the step" in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -155,6 +156,13 @@ def test_time_steps_times_each_step():
     seconds = time_steps(lambda: seen.append(1), 4, torch.device("cpu"), after_each=lambda: seen.append(0))
     assert len(seconds) == 4 and all(s >= 0 for s in seconds)
     assert seen == [1, 0] * 4
+
+
+def test_time_interleaved_alternates_the_steps_round_by_round():
+    seen = []
+    seconds = time_interleaved([lambda: seen.append("a"), lambda: seen.append("b")], 3, torch.device("cpu"))
+    assert seen == ["a", "b"] * 3
+    assert [len(s) for s in seconds] == [3, 3]
 
 
 def test_peak_memory_sees_a_short_lived_allocation():

@@ -139,7 +139,8 @@ def print_report(result: dict[str, Any]) -> None:
                       f"img/s = {data['loader_over_step']:.2f}x (the loader {keeps_up}); feeding the step: "
                       f"{data['fed_img_per_s']:.1f} img/s, {100 * data['data_wait_share']:.0f}% of the time "
                       "waiting for data", highlight=False)
-        if result["device"] == "cpu" and data["fed_img_per_s"] < 0.9 * data["step_img_per_s"]:
+        if (result["device"] == "cpu" and data["fed_img_per_s"] < 0.9 * data["step_img_per_s"]
+                and data["data_wait_share"] < 0.1):
             console.print("  (on a CPU the loader workers and the step share the cores: a slower fed step "
                           "with little data-wait is that sharing, not the loader falling behind)", highlight=False)
 

@@ -2,14 +2,16 @@
 
 One step is what `pretrain` does per batch: masking, encoder, decoders, targets, the summed loss,
 backward and the AdamW step, on a synthetic batch already on the device (an optimizer step per
-batch: train.accum_steps is not applied). Each configuration is
-built fresh, counted (FLOPs of one step), warmed up, timed step by step and freed before the
-next, so the peak memory of one is not the other's.
+batch: train.accum_steps is not applied). Each configuration is built, counted (FLOPs of one
+step) and warmed up in turn, its peak memory measured as growth over what was allocated before.
 
 The baseline is the straightforward eager path: the same model and step at fp32 (fp16 autocast
 with a gradient scaler on CUDA, as published), with the HOG target computed the published way
 (targets/hog_reference.py: per scale and per colour channel, the whole gradient pipeline again).
 Every figure comes with its ratio configured / baseline; bare times mean little on their own.
+
+Steps are timed interleaved (baseline, configured, against, baseline, ...), so load that comes
+and goes on a shared machine falls on all of them alike rather than on one.
 
 The loader is measured on its own (images/s from the real folder with the configured workers),
 then feeding the configured step, which gives the share of the loop spent waiting for data.
@@ -35,7 +37,7 @@ from localmim_cli.data.images import pretrain_dataset, resolve_image_paths
 from localmim_cli.engine import distributed
 from localmim_cli.engine.loop import autocast, optimizer_step, resolve_precision
 from localmim_cli.engine.peak_memory import PeakMemory
-from localmim_cli.engine.step_timer import median, synchronize, time_steps
+from localmim_cli.engine.step_timer import median, synchronize, time_interleaved
 from localmim_cli.engine.threads import choose_intra_op_threads
 from localmim_cli.errors import UsageError
 from localmim_cli.model.build import build_model
@@ -112,12 +114,18 @@ def benchmark(resolved: Resolved, *, label: str = "configured", against: Resolve
                       ("configured", settings, label, False)]
         if against is not None:
             contenders.append(("against", against.settings, against_label, False))
-        for key, s, name, is_baseline in contenders:
-            feed = measure_data and key == "configured"
-            result[key] = _measure(s, name, is_baseline, device, steps, warmup, progress, feed)
-            result["memory_method"] = result[key].pop("memory_method")   # the same for all: one device
-            if feed:
-                result["data"] = result[key].pop("data")
+        prepared = {key: _prepare(s, name, is_baseline, device, warmup, progress)
+                    for key, s, name, is_baseline in contenders}
+        advance = progress(f"timing {steps} steps each, interleaved", steps * len(prepared))
+        seconds = time_interleaved([c.run for c in prepared.values()], steps, device, after_each=advance)
+        for (key, c), times in zip(prepared.items(), seconds):
+            result[key] = c.finish(times)
+        result["memory_method"] = prepared["configured"].memory_method   # the same for all: one device
+        if measure_data:
+            c = prepared["configured"]
+            result["data"] = measure_loader(settings, c.model, c.step, device, steps,
+                                            result["configured"]["img_per_s"], progress)
+        del prepared
         result["vs_baseline"] = _ratios(result["configured"], result["baseline"])
         if against is not None:
             result["vs_against"] = _ratios(result["configured"], result["against"])
@@ -160,12 +168,37 @@ def _warm_process(settings: PretrainSettings, device: torch.device) -> None:
     synchronize(device)
 
 
-def _measure(settings: PretrainSettings, name: str, is_baseline: bool, device: torch.device, steps: int,
-             warmup: int, progress: Progress, feed: bool) -> dict[str, Any]:
+class _Prepared:
+    """A contender built, counted and warmed up, its peak memory measured, ready to be timed."""
+
+    def __init__(self, entry: dict[str, Any], model: LocalMIM, step, images: torch.Tensor,
+                 noise: torch.Tensor, flops: int, peak: PeakMemory):
+        self.entry, self.model, self.step = entry, model, step
+        self.images, self.noise, self.flops = images, noise, flops
+        self.peak_bytes, self.memory_method = peak.bytes, peak.method
+
+    def run(self) -> None:
+        self.step(self.images, self.noise)
+
+    def finish(self, seconds: list[float]) -> dict[str, Any]:
+        batch = self.images.shape[0]
+        step_s = median(seconds)
+        return {**self.entry,
+                "img_per_s": batch / step_s, "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * s for s in seconds],
+                "peak_memory_bytes": self.peak_bytes, "flops_per_image": self.flops / batch,
+                "tflops": self.flops / step_s / 1e12}
+
+
+def _prepare(settings: PretrainSettings, name: str, is_baseline: bool, device: torch.device, warmup: int,
+             progress: Progress) -> _Prepared:
+    """Build, count FLOPs (one step) and warm up, measuring the peak memory of all of it: the
+    first steps allocate the optimizer state, so the peak is the steady state's. Contenders
+    prepared earlier stay allocated; the measurement is growth, so they do not count."""
     precision = baseline_precision(device) if is_baseline else resolve_precision(settings.train.precision, device)
     batch, img_size = settings.train.batch_size, settings.model.img_size
     entry: dict[str, Any] = {"label": name, "encoder": settings.model.encoder.name,
                              "target": settings.model.target.name, "img_size": img_size, "precision": precision}
+    advance = progress(f"{name}: build, 1 counted and {warmup} warm-up step(s)", 1 + warmup)
     with PeakMemory(device) as peak:
         torch.manual_seed(settings.train.seed)
         model = build_model(settings.model)
@@ -177,25 +210,12 @@ def _measure(settings: PretrainSettings, name: str, is_baseline: bool, device: t
         entry["parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         step = training_step(model, settings, precision, device)
         images, noise = synthetic_batch(batch, img_size, model.num_units, settings.train.seed, device)
-        advance = progress(f"{name} step: 1 counted, {warmup} warm-up, {steps} timed", 1 + warmup + steps)
         flops = count_flops(lambda: step(images, noise))   # also the first warm-up step
         advance()
         for _ in range(warmup):
             step(images, noise)
             advance()
-        seconds = time_steps(lambda: step(images, noise), steps, device, after_each=advance)
-    step_s = median(seconds)
-    entry.update({
-        "img_per_s": batch / step_s, "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * s for s in seconds],
-        "peak_memory_bytes": peak.bytes, "memory_method": peak.method,
-        "flops_per_image": flops / batch, "tflops": flops / step_s / 1e12,
-    })
-    if feed:
-        entry["data"] = measure_loader(settings, model, step, device, steps, entry["img_per_s"], progress)
-    del model, step, images, noise
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return entry
+    return _Prepared(entry, model, step, images, noise, flops, peak)
 
 
 def training_step(model: LocalMIM, settings: PretrainSettings, precision: str,

@@ -15,7 +15,7 @@ from localmim_cli.errors import PresetError
 from localmim_cli.config.schema import PretrainSettings
 
 SHIPPED = {"demo", "vit-s16-hog", "vit-b16-hog-1600ep", "vit-b16-hog-100ep", "vit-b16-hog-1gpu",
-           "vit-l16-hog-800ep"}
+           "vit-l16-hog-800ep", "swin-demo", "swin-b-hog-400ep", "swin-b-pixel-400ep", "swin-l-hog-800ep"}
 N_SAMPLE_PHOTOS = 7
 
 
@@ -90,6 +90,93 @@ def test_published_vit_l_recipe():
     assert (s.train.epochs, s.optim.warmup_epochs, s.optim.base_lr) == (800, 40, 1.5e-4)
     assert s.model.taps is None
     assert default_vit_taps(r.plugin_options["model.encoder.options"].depth) == [2, 4, 22, 24]
+
+
+def test_published_swin_b_recipes():
+    """Method digest sections 1.7 and 2.1: Swin-B, window 7, a decoder per stage at its own grid."""
+    hog, pixel = resolved("swin-b-hog-400ep"), resolved("swin-b-pixel-400ep")
+    s = hog.settings
+    assert s.model.encoder.name == "swin" and s.model.taps is None
+    options = hog.plugin_options["model.encoder.options"]
+    assert (options.embed_dim, options.depths, options.num_heads) == (128, [2, 2, 18, 2], [4, 8, 16, 32])
+    assert (options.patch_size, options.window_size, options.drop_path) == (4, 7, 0.0)
+    assert (s.model.img_size, s.model.scales, s.model.mask_ratio, s.model.layer_norm_eps) == \
+        (224, [1.0] * 4, 0.75, 1e-6)
+    assert s.model.target.options == {"nbins": 18, "bias": True}
+    assert (s.model.decoder.width, s.model.decoder.depth, s.model.decoder.num_heads) == ([64, 128, 128, 128], 1, 4)
+    assert (s.train.epochs, s.optim.warmup_epochs, s.optim.base_lr, s.optim.min_lr) == (400, 40, 1e-4, 0.0)
+    assert (s.optim.betas, s.optim.weight_decay, s.optim.clip_grad, s.data.crop_scale) == \
+        ((0.9, 0.95), 0.05, None, (0.2, 1.0))
+    assert effective_batch(s, 8) == 2048 and math.isclose(scaled_lr(s, 8), 8e-4)
+    p = pixel.settings
+    assert p.model.target.name == "pixel" and pixel.plugin_options["model.target.options"].normalize
+    assert p.model.model_copy(update={"target": s.model.target}) == s.model
+    assert (p.optim, p.train, p.data) == (s.optim, s.train, s.data)
+
+
+def test_swin_b_preset_builds_the_published_encoder():
+    from localmim_cli.encoders.swin import build_swin
+
+    r = resolved("swin-b-hog-400ep")
+    with torch.device("meta"):  # shapes without 88 M initialised weights
+        encoder = build_swin(r.plugin_options["model.encoder.options"], 224, None)
+    assert encoder.tap_layers == [1, 2, 3, 4] and encoder.unit_grid == (7, 7) and encoder.unit_px == 32
+    assert [(t.channels, t.stride_px) for t in encoder.taps] == [(256, 8), (512, 16), (1024, 32), (1024, 32)]
+    assert [stage.window_size for stage in encoder.layers] == [7, 7, 7, 7]
+    params = sum(p.numel() for n, p in encoder.named_parameters() if not n.startswith("tap_norms"))
+    assert 86e6 < params < 88e6  # Swin-B without its classifier
+
+
+def test_published_swin_l_recipe():
+    r = resolved("swin-l-hog-800ep")
+    s = r.settings
+    options = r.plugin_options["model.encoder.options"]
+    assert (options.embed_dim, options.depths, options.num_heads, options.window_size) == \
+        (192, [2, 2, 18, 2], [6, 12, 24, 48], 14)
+    assert s.model.target.options == {"nbins": 18, "bias": True} and s.model.scales == [1.0] * 4
+    assert s.model.decoder.width == [64, 128, 128, 128] and s.model.decoder.num_heads == 4
+    assert (s.train.epochs, s.optim.warmup_epochs, s.optim.base_lr, s.optim.min_lr) == (800, 40, 1e-4, 0.0)
+    assert (s.train.batch_size, s.train.accum_steps) == (128, 4)
+    assert effective_batch(s, 8) == 4096 and math.isclose(scaled_lr(s, 8), 1.6e-3)
+
+
+def test_swin_demo_is_a_small_swin_on_the_sample_photos():
+    r = resolved("swin-demo")
+    s = r.settings
+    model = build_model(s.model)
+    # The published shape at 128 px: 4x4 mask units of 32 px, a decoder per stage at scale 1.
+    assert model.encoder.unit_px == 32 and model.encoder.unit_grid == (4, 4)
+    assert model.encoder.tap_layers == [1, 2, 3, 4] and model.cells_px == [8, 16, 32, 32]
+    out = model(torch.randn(2, 3, s.model.img_size, s.model.img_size))
+    assert torch.isfinite(out.loss) and out.losses.shape == (4,)
+    assert model.encoder.to_timm() is not None  # its windows tile every stage: finetune and export work
+    assert s.data.path is None and s.train.device == s.train.precision == "auto"
+    steps = s.train.epochs * (N_SAMPLE_PHOTOS * s.data.repeats // s.train.batch_size)
+    assert steps <= 500  # a few minutes on 2 CPU cores
+    assert 0 < s.train.checkpoint_every and steps // s.train.checkpoint_every <= 10
+    assert sum(p.numel() for p in model.parameters()) < 3_000_000
+
+
+def test_published_swin_b_finetune_recipe():
+    """Method digest section 2.2 and the authors' Swin README: batch 1024, lr 4e-3, layer decay 0.9."""
+    from localmim_cli.config.schema import FinetuneSettings
+
+    info, values = load_preset("swin-b-ft")
+    assert info.kind == "finetune" and info.world_size == 8
+    s = resolve(FinetuneSettings, preset=values, preset_name=info.name, environ={}).settings
+    assert effective_batch(s, 8) == 1024 and math.isclose(scaled_lr(s, 8), 4e-3)
+    assert (s.model.arch, s.model.drop_path, s.model.head_init_std, s.model.img_size) == \
+        ("swin_base_patch4_window7_224", 0.1, 2e-5, None)
+    assert (s.train.epochs, s.optim.warmup_epochs, s.optim.min_lr, s.optim.layer_decay) == (100, 20, 2.5e-7, 0.9)
+    assert (s.optim.betas, s.optim.weight_decay, s.optim.label_smoothing) == ((0.9, 0.999), 0.05, 0.1)
+    assert (s.mixup.mixup, s.mixup.cutmix, s.mixup.prob, s.mixup.switch_prob) == (0.8, 1.0, 1.0, 0.5)
+    assert (s.data.auto_augment, s.data.reprob, s.data.remode, s.data.recount) == \
+        ("rand-m9-mstd0.5-inc1", 0.25, "pixel", 1)
+    assert (s.data.crop_scale, s.data.eval_crop_fraction, s.data.interpolation) == ((0.08, 1.0), 0.875, "bicubic")
+    # The HOG checkpoint's variant, as the README gives it: accumulate 2, keep the absolute lr.
+    hog = s.model_copy(update={"train": s.train.model_copy(update={"accum_steps": 2}),
+                               "optim": s.optim.model_copy(update={"lr": 4e-3})})
+    assert effective_batch(hog, 8) == 2048 and scaled_lr(hog, 8) == 4e-3
 
 
 def test_batch_and_lr_arithmetic():

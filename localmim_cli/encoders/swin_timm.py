@@ -7,11 +7,14 @@ Three differences of layout, none of function:
   neighbours as (row, col) = (0,0), (1,0), (0,1), (1,1), pretraining as (0,0), (0,1), (1,0),
   (1,1): the middle two C-wide chunks of the merge norm and of the reduction's inputs swap;
 - timm's final `norm` is our last tap norm.
-timm builds its LayerNorms with eps 1e-5 and takes no eps argument; the model returned here
-gets the encoder's eps (1e-6 as published), so its features equal `forward_features`. A model
-rebuilt from the architecture name and `model_args` alone (timm.create_model, as `export`
-checks) has eps 1e-5 again, which moves features by about 1e-5 (3e-5 measured on a small
-random Swin; tests/test_swin_encoder.py bounds it at export's 1e-4).
+timm builds its LayerNorms with eps 1e-5; the model returned here gets the encoder's eps (1e-6
+as published), so its features equal `forward_features`. A model rebuilt from the architecture
+name and `model_args` alone (timm.create_model, as `export` writes and checks) has eps 1e-5
+again, and no JSON-ready argument changes that: SwinTransformer's `norm_layer` must be a class
+(timm 1.0's string names, e.g. "layernorm" with its eps 1e-6, reach PatchEmbed unresolved and
+fail), and config.json cannot hold one. The difference is small: features move by 2.5e-5 at
+most (9e-6 relative) on the sample photos after the swin-demo preset's 420 steps, 3e-5 on a
+small random Swin; tests/test_swin_encoder.py bounds it at export's 1e-4.
 Grids that windows do not tile are refused (timm pads them; this encoder cuts windows).
 """
 

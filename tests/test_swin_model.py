@@ -53,7 +53,7 @@ def test_pixel_target_and_one_decoder_width():
     assert model.target.dims == [192, 768, 3072, 3072]
 
 
-def test_pretraining_leaves_the_relative_position_bias_tables_undecayed():
+def test_pretraining_leaves_position_bias_tables_and_mask_tokens_undecayed():
     from localmim_cli.tasks.pretrain import param_groups
 
     model = build_model(tiny_settings())
@@ -62,10 +62,22 @@ def test_pretraining_leaves_the_relative_position_bias_tables_undecayed():
     undecayed = {id(p) for p in no_decay["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in undecayed}
     tables = {n for n in names if n.endswith("relative_position_bias_table")}
+    tokens = {n for n in names if n.endswith("mask_token")}
     assert len(tables) == 8  # one per block: published pretraining skips names with 'position_bias'
-    assert all(p.ndim == 1 or n in tables for n, p in model.named_parameters() if id(p) in undecayed)
-    assert not any(n.endswith("relative_position_bias_table") for n, p in model.named_parameters()
+    assert len(tokens) == len(model.decoders)  # ... and names with 'token': every decoder's mask token
+    assert all(p.ndim == 1 or n in tables | tokens for n, p in model.named_parameters() if id(p) in undecayed)
+    assert not any(("position_bias" in n or "token" in n) for n, p in model.named_parameters()
                    if id(p) not in undecayed)
+
+
+def test_vit_pretraining_decays_the_mask_tokens_as_published():
+    from localmim_cli.config.schema import PretrainSettings
+    from localmim_cli.tasks.pretrain import param_groups
+
+    model = build_model(PretrainSettings().model)
+    no_decay, decay = param_groups(model, 0.05)
+    decayed = {id(p) for p in decay["params"]}
+    assert all(id(p) in decayed for n, p in model.named_parameters() if n.endswith("mask_token"))
 
 
 def test_decoder_widths_must_match_the_taps():

@@ -220,10 +220,12 @@ class MaskedSwin(MaskedEncoder):
                 side //= 2
         return self.tap_norms[-1](x).mean(dim=1)
 
-    def no_weight_decay(self) -> set[str]:
-        """Parameters AdamW leaves undecayed besides biases and norms: the published pretraining
-        exempts every name containing 'position_bias' (the relative-position bias tables)."""
-        return {name for name, _ in self.named_parameters() if "position_bias" in name}
+    def no_weight_decay_keywords(self) -> set[str]:
+        """Name fragments AdamW leaves undecayed across the whole LocalMIM model (encoder and
+        decoders), besides biases and norms: the published Swin pretraining exempts every name
+        containing 'position_bias' (the relative-position bias tables) or 'token' (the decoders'
+        mask tokens)."""
+        return {"position_bias", "token"}
 
     def to_timm(self) -> nn.Module:
         """A timm SwinTransformer (num_classes=0) with these weights (see swin_timm.py)."""

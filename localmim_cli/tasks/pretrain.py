@@ -31,14 +31,18 @@ RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every"
 
 def param_groups(model: LocalMIM, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices; not biases or norm weights (1-D), as published (timm add_weight_decay),
-    nor what an encoder plugin lists in its timm-style `no_weight_decay()`."""
+    nor what an encoder plugin lists in its timm-style `no_weight_decay()` (encoder parameter
+    names) or `no_weight_decay_keywords()` (name fragments, matched over the whole model, as the
+    published Swin pretraining does)."""
     skip = getattr(model.encoder, "no_weight_decay", lambda: set())()
     skip = {f"encoder.{name}" for name in skip}
+    keywords = getattr(model.encoder, "no_weight_decay_keywords", lambda: set())()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+        exempt = p.ndim <= 1 or name.endswith(".bias") or name in skip or any(k in name for k in keywords)
+        (no_decay if exempt else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 

@@ -113,3 +113,15 @@ def test_runs_under_bf16_autocast():
     assert any(p.dtype == torch.bfloat16 for p in out.preds), "autocast did not take effect"
     assert all(t.dtype == torch.float32 for t in out.targets)
     assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+
+
+def test_finetuning_gives_its_drop_path_to_the_swin_encoder():
+    from localmim_cli.weights.via_timm import PluginShape, init_classifier
+
+    settings = tiny_settings()
+    record = {"via": "to_timm", "encoder": settings.encoder.model_dump(), "img_size": 128, "taps": None}
+    shape = PluginShape(record).with_drop_path(0.2)
+    model = init_classifier(shape, None, num_classes=3, head_init_std=2e-5)
+    last = model.layers[-1].blocks[-1]
+    assert last.drop_path1.drop_prob == pytest.approx(0.2)  # timm's linear rule reaches the rate at the last block
+    assert shape.timm_record(3)["plugin"]["encoder"]["options"]["drop_path"] == 0.2  # a resume rebuilds the same

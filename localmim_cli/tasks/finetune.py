@@ -51,7 +51,7 @@ def model_shape(settings: "FinetuneSettings", weights: "EncoderWeights | None") 
 
     m = settings.model
     if weights is not None and via_timm.is_plugin_checkpoint(weights):
-        return via_timm.plugin_shape(weights, m.arch, m.img_size)
+        return via_timm.plugin_shape(weights, m.arch, m.img_size).with_drop_path(m.drop_path)
     if weights is None:
         if not m.arch:
             raise UsageError("finetune needs --init CHECKPOINT (or model.arch to train from scratch)")

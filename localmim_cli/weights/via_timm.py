@@ -18,6 +18,7 @@ keyword arguments (sizes) that this architecture needs to match.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -145,6 +146,18 @@ class PluginShape:
     def describe(self) -> str:
         return describe(self.record, self.arch)
 
+    def with_drop_path(self, rate: float) -> "PluginShape":
+        """Fine-tuning's model.drop_path, given to the encoder as its own `drop_path` option when the
+        plugin declares one (swin and the Hiera example do); without one, it has no stochastic depth."""
+        from localmim_cli.plugins import registry
+
+        encoder = self.record["encoder"]
+        if "drop_path" not in registry.encoder(encoder["name"]).options.model_fields:
+            return self
+        options = {**(encoder.get("options") or {}), "drop_path": rate}
+        record = {**self.record, "encoder": {**encoder, "options": options}}
+        return dataclasses.replace(self, record=record)
+
     def timm_record(self, num_classes: int) -> dict[str, Any]:
         """meta["timm"] of a fine-tuning checkpoint: rebuilds the model (see the module docstring)."""
         return {"architecture": self.arch, "model_args": {**self.model_args, "num_classes": num_classes},
@@ -181,10 +194,13 @@ def init_classifier(shape: PluginShape, weights: "EncoderWeights | None", num_cl
                     head_init_std: float) -> "torch.nn.Module":
     """The model to fine-tune: the checkpoint's encoder (a fine-tuned one without its head) through
     to_timm(), with a new classifier; without weights, fresh (a resumed run loads its own)."""
-    if weights is None:
-        model = to_timm(build_encoder(shape.record), shape.record["encoder"]["name"])
-    elif weights.pretrained_encoder:
-        model = pretrained_timm(weights)
+    name = shape.record["encoder"]["name"]
+    if weights is None or weights.pretrained_encoder:
+        encoder = build_encoder(shape.record)
+        if weights is not None:
+            load_exactly(encoder, weights.state, weights.source)
+        model = to_timm(encoder, name)
     else:
-        model = finetuned_from_weights(weights, 0)
+        model = finetuned_timm(shape.record, len(weights.classes or []), weights.state, weights.source)
+        model.reset_classifier(0)
     return add_classifier(model, num_classes, head_init_std)

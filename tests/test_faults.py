@@ -136,6 +136,19 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_config):
     assert (out / "holiday.jpg").read_bytes() == b"precious"
 
 
+def test_overwrite_replaces_a_run_directory_keeping_its_lock(tmp_path):
+    out = tmp_path / "old-run"
+    (out / "checkpoints" / "step-00000001").mkdir(parents=True)
+    (out / "settings.json").write_text("{}")
+    (out / "metrics.jsonl").write_text("{}\n")
+    with runs.prepare(out, resume=False, overwrite=True):
+        assert [p.name for p in out.iterdir()] == [runs.LOCK]
+        with pytest.raises(runs.RunDirError, match="in use by another localmim run"):
+            runs.prepare(out, resume=False, overwrite=True)
+    with runs.prepare(out, resume=False, overwrite=False):   # only the lock file: an empty folder
+        pass
+
+
 def test_a_second_run_on_a_locked_directory_fails_at_once_naming_the_holder(tmp_path, tiny_run):
     run = copy_run(tiny_run, tmp_path / "run")
     with runs.RunLock(run).acquire():   # this test process plays the first run

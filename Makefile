@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # torch/torchvision pinned to a pair whose wheels timm imports cleanly with.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lock clean
+.PHONY: setup demo test faults lock clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Kill a tiny pretrain with SIGKILL at random moments, resume, compare bitwise (about a minute).
+faults: setup
+	LOCALMIM_FAULT_INJECTION=1 $(BIN)/python -m pytest -q -s tests/test_fault_injection.py
 
 # Newest versions pyproject.toml allows, in a scratch venv, frozen into constraints.txt.
 # Run `make test` afterwards: commit the new constraints only if the suite passes on them.

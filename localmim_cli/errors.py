@@ -56,3 +56,23 @@ class ExportError(UserError):
 
 class UsageError(UserError):
     """Command arguments that contradict each other or are out of range (names the flag)."""
+
+
+class RunInterrupted(BaseException):
+    """A run stopped on SIGINT or SIGTERM after saving a checkpoint; the message says where and how
+    to resume. Not a UserError: the command line exits 128 + the signal's number (130, 143), as a
+    shell expects of a process a signal stopped. A BaseException, as KeyboardInterrupt is, so that
+    no `except Exception` on the way out mistakes it for a failure of its own."""
+
+    def __init__(self, signum: int, message: str):
+        self.signum = signum
+        super().__init__(message)
+
+
+class RunAborted(BaseException):
+    """SIGINT or SIGTERM outside the training steps, or a second Ctrl-C inside them: stop at once.
+    The command line exits 128 + the signal's number."""
+
+    def __init__(self, signum: int, message: str):
+        self.signum = signum
+        super().__init__(message)

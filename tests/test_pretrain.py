@@ -15,6 +15,7 @@ import torch
 
 from conftest import cli_env, run_cli
 from localmim_cli.engine import checkpoints
+from localmim_cli.errors import CheckpointError
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -177,7 +178,7 @@ def test_interrupted_checkpoint_write_leaves_previous_loadable(tmp_path, monkeyp
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash_midway)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="step-00000002.*disk full"):
         checkpoints.save(folder, "step-00000002", {"w": torch.zeros(6)}, {"position": {"step": 2}},
                          {"optimizer": {}})
     monkeypatch.undo()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from typing import Annotated, Optional
@@ -14,7 +15,7 @@ from localmim_cli.cli import config as config_cmd
 from localmim_cli.cli import benchmark, evaluate, export, finetune, plot, plugins, presets, pretrain, visualize
 from localmim_cli.cli import runs as runs_cmd
 from localmim_cli.cli.output import console, err_console
-from localmim_cli.errors import UserError
+from localmim_cli.errors import RunAborted, RunInterrupted, UserError
 
 app = typer.Typer(
     name="localmim",
@@ -50,8 +51,31 @@ def _root(version: Annotated[Optional[bool], typer.Option(
     pass
 
 
+def _stop_at_once(signum: int, frame) -> None:
+    """SIGINT/SIGTERM outside the training steps (which save first: engine/stopping.py). Typer
+    would turn a KeyboardInterrupt into a silent exit 130, so the signal raises our own error."""
+    if os.getpid() != _MAIN_PID:   # a forked loader worker: die as Python does by default
+        raise KeyboardInterrupt
+    raise RunAborted(signum, f"stopped by {signal.Signals(signum).name}; the last checkpoint on disk, if any, "
+                             "is intact")
+
+
+_MAIN_PID = os.getpid()
+
+
 def main() -> None:
     """Console entry point: a UserError is one line and exit 2; a bug keeps its traceback."""
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    previous = {signum: signal.signal(signum, _stop_at_once) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _run()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run() -> None:
     try:
         app()
     except SystemExit:  # typer's own exits (--help, usage errors)
@@ -61,6 +85,12 @@ def main() -> None:
             raise
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except RunInterrupted as exc:   # a checkpoint was saved at the step boundary
+        err_console.print(f"[bold yellow]interrupted:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(128 + exc.signum)
+    except RunAborted as exc:
+        err_console.print(f"[bold red]aborted:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(128 + exc.signum)
     except KeyboardInterrupt:
         err_console.print("interrupted; the last checkpoint is intact (continue with --resume)")
         sys.exit(130)

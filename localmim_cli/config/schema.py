@@ -7,6 +7,7 @@ the plugin is known, so a third-party encoder's options are checked as strictly 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,8 +27,23 @@ def _crop_range(value: tuple[float, float]) -> tuple[float, float]:
 CropScale = Annotated[tuple[float, float], AfterValidator(_crop_range)]
 
 
+def _device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise ValueError(f"device {value!r} is not one of auto, cpu, mps, cuda, cuda:N")
+    return value
+
+
+# Where a run computes; whether a GPU is really there is checked when the run starts.
+Device = Annotated[str, AfterValidator(_device)]
+
+
+# Far beyond any usable lr; much larger ones overflow the optimizer's float32 step arithmetic.
+MAX_LR = 1e30
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Infinity and NaN are no setting's sensible value: `optim.base_lr=Infinity` would train to NaN.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class PluginChoice(Strict):
@@ -68,13 +84,21 @@ class DataSettings(Strict):
 
 
 class OptimSettings(Strict):
-    base_lr: float = Field(1.5e-4, gt=0, description="lr per 256 images; lr = base_lr * effective batch / 256")
-    lr: float | None = Field(None, gt=0, description="absolute lr; overrides base_lr scaling when set")
+    base_lr: float = Field(1.5e-4, gt=0, le=MAX_LR, description="lr per 256 images; "
+                           "lr = base_lr * effective batch / 256")
+    lr: float | None = Field(None, gt=0, le=MAX_LR, description="absolute lr; overrides base_lr scaling when set")
     min_lr: float = Field(0.0, ge=0, description="floor of the cosine schedule")
     weight_decay: float = Field(0.05, ge=0, description="AdamW decay; norms and biases are excluded")
     betas: tuple[float, float] = Field((0.9, 0.95))
     warmup_epochs: float = Field(40, ge=0, description="linear warmup, per step")
     clip_grad: float | None = Field(None, gt=0, description="max gradient norm; empty = no clipping")
+
+    @model_validator(mode="after")
+    def _floor_below_peak(self):
+        if self.lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr {self.min_lr} is above optim.lr {self.lr}: the cosine schedule "
+                             "would rise; lower min_lr")
+        return self
 
 
 class KnnSettings(Strict):
@@ -99,7 +123,7 @@ class TrainSettings(Strict):
     accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 on GPUs that have it, else fp32")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    device: Device = Field("auto", description="auto, cpu, mps, cuda, cuda:N")
     seed: int = Field(0, description="run seed; crops, flips and masks derive from it per sample")
     log_every: int = Field(20, ge=1, description="optimizer steps between logged metrics")
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints "
@@ -169,8 +193,9 @@ class MixupSettings(Strict):
 
 
 class FinetuneOptimSettings(Strict):
-    base_lr: float = Field(5e-4, gt=0, description="lr per 256 images; lr = base_lr * effective batch / 256")
-    lr: float | None = Field(None, gt=0, description="absolute lr; overrides base_lr scaling when set")
+    base_lr: float = Field(5e-4, gt=0, le=MAX_LR, description="lr per 256 images; "
+                           "lr = base_lr * effective batch / 256")
+    lr: float | None = Field(None, gt=0, le=MAX_LR, description="absolute lr; overrides base_lr scaling when set")
     min_lr: float = Field(1e-6, ge=0, description="floor of the cosine schedule")
     weight_decay: float = Field(0.05, ge=0, description="AdamW decay; 1-D params, pos_embed and "
                                                         "cls_token excluded")
@@ -181,6 +206,13 @@ class FinetuneOptimSettings(Strict):
     clip_grad: float | None = Field(None, gt=0, description="max gradient norm; empty = no clipping")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
 
+    @model_validator(mode="after")
+    def _floor_below_peak(self):
+        if self.lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr {self.min_lr} is above optim.lr {self.lr}: the cosine schedule "
+                             "would rise; lower min_lr")
+        return self
+
 
 class FinetuneTrainSettings(Strict):
     epochs: int = Field(100, ge=1)
@@ -188,7 +220,7 @@ class FinetuneTrainSettings(Strict):
     accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 on GPUs that have it, else fp32")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    device: Device = Field("auto", description="auto, cpu, mps, cuda, cuda:N")
     seed: int = Field(0, description="run seed: split, augmentations, mixing and drop path derive from it")
     log_every: int = Field(20, ge=1, description="optimizer steps between logged metrics")
     eval_every: int = Field(1, ge=0, description="epochs between validation passes (0 = last epoch only)")
@@ -252,7 +284,7 @@ class EvaluateSettings(Strict):
                                                                 "then centre crop")
     batch_size: int = Field(64, ge=1)
     workers: int = Field(2, ge=0)
-    device: str = "auto"
+    device: Device = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     seed: int = 0
     cache: bool = Field(True, description="reuse features cached by an earlier run with the same "

@@ -42,7 +42,7 @@ SWIN_ARCHS: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
 class SwinOptions(BaseModel):
     """Options of the built-in `swin` encoder. `arch` fills embed_dim, depths and heads unless given."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     arch: Literal["swin_tiny", "swin_small", "swin_base", "swin_large"] | None = "swin_base"
     patch_size: int = Field(4, ge=1)
@@ -63,9 +63,10 @@ class SwinOptions(BaseModel):
     def _fill_from_arch(self) -> "SwinOptions":
         if self.arch is not None:
             width, depths, heads = SWIN_ARCHS[self.arch]
-            self.embed_dim = self.embed_dim or width
-            self.depths = self.depths or list(depths)
-            self.num_heads = self.num_heads or list(heads)
+            # Only what was left out comes from the arch: a given value is used as given.
+            self.embed_dim = width if self.embed_dim is None else self.embed_dim
+            self.depths = list(depths) if self.depths is None else self.depths
+            self.num_heads = list(heads) if self.num_heads is None else self.num_heads
         missing = [n for n in ("embed_dim", "depths", "num_heads") if getattr(self, n) is None]
         if missing:
             raise ValueError(f"set arch or all of embed_dim, depths, num_heads (missing: {missing})")

@@ -11,7 +11,7 @@ import functools
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -41,24 +41,25 @@ def vit_arch_of(embed_dim: int, depth: int, num_heads: int) -> str | None:
 class ViTOptions(BaseModel):
     """Options of the built-in `vit` encoder. `arch` fills width, depth and heads unless given."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"] | None = "vit_base"
-    patch_size: int = 16
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float = 4.0
+    patch_size: int = Field(16, ge=1)
+    embed_dim: int | None = Field(None, ge=1)
+    depth: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
     qkv_bias: bool = True
-    drop_path: float = 0.0
+    drop_path: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _fill_from_arch(self) -> "ViTOptions":
         if self.arch is not None:
             width, depth, heads = VIT_ARCHS[self.arch]
-            self.embed_dim = self.embed_dim or width
-            self.depth = self.depth or depth
-            self.num_heads = self.num_heads or heads
+            # Only what was left out comes from the arch: a given value is used as given.
+            self.embed_dim = width if self.embed_dim is None else self.embed_dim
+            self.depth = depth if self.depth is None else self.depth
+            self.num_heads = heads if self.num_heads is None else self.num_heads
         missing = [n for n in ("embed_dim", "depth", "num_heads") if getattr(self, n) is None]
         if missing:
             raise ValueError(f"set arch or all of embed_dim, depth, num_heads (missing: {missing})")

@@ -1,8 +1,10 @@
-"""Process-group set-up under torchrun (RANK / WORLD_SIZE / LOCAL_RANK); nothing without it."""
+"""Process-group set-up under torchrun (RANK / WORLD_SIZE / LOCAL_RANK) or srun (SLURM_PROCID,
+SLURM_NTASKS, SLURM_LOCALID); nothing without either."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +27,29 @@ class World:
         return self.size > 1
 
 
+DEFAULT_PORT = 29500
+
+
+def slurm_variables(env: Mapping[str, str]) -> dict[str, str]:
+    """torchrun's variables for a job that `srun` started, one process per task, from SLURM's own
+    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID); {} when torchrun's are set or SLURM ran one task.
+    The rendezvous address is MASTER_ADDR when given, else the node srun was launched from (the
+    job's first node under sbatch); the port MASTER_PORT, else one derived from the job id, so
+    two jobs sharing a node do not collide."""
+    if "WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", "1") or 1) <= 1 or "SLURM_PROCID" not in env:
+        return {}
+    job = env.get("SLURM_JOB_ID", "")
+    port = DEFAULT_PORT + int(job) % 10000 if job.isdigit() else DEFAULT_PORT
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or env.get("SLURM_LAUNCH_NODE_IPADDR") or "127.0.0.1",
+            "MASTER_PORT": env.get("MASTER_PORT") or str(port)}
+
+
 def from_environment() -> World:
+    """This process's place: torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else SLURM's (which are
+    then exported under torchrun's names, for the process group's env:// rendezvous)."""
+    os.environ.update(slurm_variables(os.environ))
     if "WORLD_SIZE" not in os.environ:
         return World()
     return World(int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"]),
@@ -61,6 +85,13 @@ def all_reduce_mean(t: torch.Tensor, world: World) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t)
         t /= world.size
+    return t
+
+
+def all_reduce_max(t: torch.Tensor, world: World) -> torch.Tensor:
+    if world.distributed:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 

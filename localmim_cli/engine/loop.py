@@ -8,6 +8,7 @@ waits on the host.
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,8 +20,9 @@ import torch
 from localmim_cli.engine import checkpoints
 from localmim_cli.engine import distributed
 from localmim_cli.engine.plan import StepPlan
+from localmim_cli.engine.stopping import StopRequest
 from localmim_cli.engine.task import Position, TrainingTask
-from localmim_cli.errors import TrainingDiverged
+from localmim_cli.errors import RunInterrupted, TrainingDiverged
 
 if TYPE_CHECKING:
     from localmim_cli.engine.progress import StepProgress
@@ -100,8 +102,12 @@ class IntervalMeter:
     def add(self, losses: torch.Tensor, total: torch.Tensor, images: int) -> None:
         self.loss_sum += losses.detach().float()
         self.count += 1
-        self.nonfinite |= ~torch.isfinite(total.detach())
+        self.flag_nonfinite(total)
         self.images += images
+
+    def flag_nonfinite(self, value: torch.Tensor) -> None:
+        """Remember a non-finite loss or gradient norm; a device op, so nothing waits on it."""
+        self.nonfinite |= ~torch.isfinite(value.detach())
 
     def diverged(self, world: distributed.World) -> bool:
         return bool(distributed.all_reduce_mean(self.nonfinite.float(), world).item() > 0)
@@ -113,14 +119,23 @@ class IntervalMeter:
         return {"losses": losses, "images_per_s": self.images / elapsed, "data_wait": self.data_wait / elapsed}
 
 
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter is finite: one pass over the weights, so only before a save.
+    The loss checks cannot see an update that itself overflowed (a huge lr), since the loss
+    was computed before it."""
+    with torch.no_grad():
+        flags = [torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()]
+        return bool(torch.stack(flags).all()) if flags else True
+
+
 def stop_if_diverged(bad: bool, pos: Position, ckpt_dir: Path) -> None:
     if not bad:
         return
     last = checkpoints.read_latest_name(ckpt_dir)
     kept = f"the last good checkpoint ({last}) is intact" if last else "no checkpoint had been written yet"
     raise TrainingDiverged(
-        f"the loss became NaN or infinite by step {pos.step}; {kept}. Try a lower learning rate "
-        "(optim.base_lr), gradient clipping (optim.clip_grad=1.0), more warmup, or "
+        f"the loss, gradients or weights became NaN or infinite by step {pos.step}; {kept}. Try a lower "
+        "learning rate (optim.base_lr), gradient clipping (optim.clip_grad=1.0), more warmup, or "
         "train.precision=bf16 / fp32 instead of fp16; then --resume or start over.")
 
 
@@ -157,9 +172,23 @@ class Trainer:
     output: RunOutput
 
 
+def interrupted(signum: int, pos: Position, ckpt_dir: Path, command: str) -> RunInterrupted:
+    name = signal.Signals(signum).name
+    run_dir = ckpt_dir.parent
+    return RunInterrupted(signum, f"stopped by {name} after step {pos.step}; checkpoint saved in "
+                                  f"{ckpt_dir / checkpoints.step_name(pos.step)}. Continue with: "
+                                  f"localmim {command} --out {run_dir} --resume")
+
+
 def run_loop(t: Trainer, pos: Position) -> dict[str, Any]:
     """Micro-steps with accumulation, the lr schedule, metrics every log_every steps, and
-    checkpoints every checkpoint_every steps (or at each epoch's end) and at the last step."""
+    checkpoints every checkpoint_every steps (or at each epoch's end) and at the last step.
+    SIGINT or SIGTERM stops it at the next step boundary with a checkpoint (engine/stopping.py)."""
+    with StopRequest() as stop:
+        return _steps(t, pos, stop)
+
+
+def _steps(t: Trainer, pos: Position, stop: StopRequest) -> dict[str, Any]:
     task, plan, world = t.task, t.plan, t.placement.world
     device, precision = t.placement.device, t.placement.precision
     meter = IntervalMeter(task.loss_count, device)
@@ -182,12 +211,15 @@ def run_loop(t: Trainer, pos: Position) -> dict[str, Any]:
 
             lr = plan.lr_at(pos.step)
             grad_norm = optimizer_step(task.model, t.optimizer, t.scaler, lr, t.clip_grad)
+            if t.clip_grad is not None:  # clipping computed the norm already: checking it is free
+                meter.flag_nonfinite(grad_norm())
             pos.step += 1
             t.output.progress.advance()
             at_epoch_end = micro + 1 == plan.micro_steps_per_epoch
             pos.micro_step = micro + 1
 
-            if pos.step % t.log_every == 0 or at_epoch_end:
+            logged = pos.step % t.log_every == 0 or at_epoch_end
+            if logged:
                 stop_if_diverged(meter.diverged(world), pos, t.ckpt_dir)
                 interval = meter.read(world)
                 record = {"epoch": epoch, "step": pos.step, **task.loss_fields(interval.pop("losses")),
@@ -201,9 +233,15 @@ def run_loop(t: Trainer, pos: Position) -> dict[str, Any]:
                 pos = Position(epoch + 1, 0, pos.step)
                 task.on_epoch_end(pos, t.output)
             due = (pos.step % t.checkpoint_every == 0) if t.checkpoint_every else at_epoch_end
-            if due or pos.step == plan.total_steps:
-                stop_if_diverged(meter.diverged(world), pos, t.ckpt_dir)
+            # Under torchrun the processes agree on a stop where they synchronise anyway.
+            signum = stop.agreed(world, device) if (not world.distributed or logged or due) else None
+            if due or pos.step == plan.total_steps or signum:
+                # Every process holds the same weights (DDP), so each reaches the same verdict.
+                stop_if_diverged(meter.diverged(world) or not weights_finite(task.model), pos, t.ckpt_dir)
                 t.save(pos)
+            if signum:
+                distributed.barrier(world)
+                raise interrupted(signum, pos, t.ckpt_dir, task.kind)
             meter.waiting()
         distributed.barrier(world)
     return {**summary, "steps": pos.step}

@@ -12,7 +12,7 @@ from typing import Any
 
 from localmim_cli.config.presets import effective_batch, scaled_lr, scaling_line
 from localmim_cli.engine.schedule import lr_at
-from localmim_cli.errors import DataError
+from localmim_cli.errors import DataError, UsageError
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,11 @@ def plan_steps(n_images: int, settings: Any, world_size: int) -> StepPlan:
         raise DataError(f"{n_images} training images make no full optimizer step of {tr.batch_size} "
                         f"per device x {world_size} process(es) x {tr.accum_steps} accumulation; lower "
                         "train.batch_size or raise data.repeats")
+    lr = scaled_lr(settings, world_size)
+    if opt.min_lr > lr:
+        raise UsageError(f"optim.min_lr {opt.min_lr:g} is above the peak lr {lr:g} "
+                         f"({scaling_line(settings, world_size)}); lower optim.min_lr or raise optim.base_lr")
     return StepPlan(steps_per_epoch=steps_per_epoch, accum_steps=tr.accum_steps, epochs=tr.epochs,
-                    effective_batch=effective_batch(settings, world_size), lr=scaled_lr(settings, world_size),
+                    effective_batch=effective_batch(settings, world_size), lr=lr,
                     min_lr=opt.min_lr, warmup_epochs=opt.warmup_epochs,
                     scaling=scaling_line(settings, world_size))

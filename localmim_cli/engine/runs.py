@@ -34,23 +34,80 @@ def default_run_dir(label: str) -> Path:
     return home() / "runs" / f"{label}-{stamp}"
 
 
-def prepare(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a non-empty folder unless resuming or overwriting; --resume needs a checkpoint."""
+LOCK = ".localmim.lock"        # held (flock) by the one process writing into a run directory
+RUN_MARKERS = ("settings.json", "manifest.json", "checkpoints")   # what only a localmim run holds
+
+
+class RunLock:
+    """An exclusive flock on the run directory's lock file, held for the whole run, so two runs
+    (or two --resume) writing into one directory is refused at once instead of corrupting it.
+    The lock goes with the process: a killed run leaves nothing to clean up."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.fd = run_dir, None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(f"--out {self.run_dir} is in use by another localmim run (pid {holder}); wait "
+                              "for it to finish or stop it, or pick another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)   # closing drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _entries(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name != LOCK] if folder.is_dir() else []
+
+
+def _holds_a_run(folder: Path) -> bool:
+    return any((folder / marker).exists() for marker in RUN_MARKERS)
+
+
+def prepare(out: Path, resume: bool, overwrite: bool) -> RunLock:
+    """Refuse a non-empty folder unless resuming or overwriting a localmim run; --resume needs a
+    checkpoint. Returns the run directory's lock, held: keep it for as long as the run writes."""
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other: pick one")
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file, not a folder")
-    non_empty = out.is_dir() and any(out.iterdir())
     if resume:
         if not (out / "checkpoints").is_dir():
             raise RunDirError(f"--resume: {out} holds no checkpoints to resume from")
-        return
-    if non_empty:
-        if not overwrite:
-            raise RunDirError(f"--out {out} is not empty: pass --resume to continue that run or "
-                              "--overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        return RunLock(out).acquire()
+    entries = _entries(out)
+    if entries and not overwrite:
+        raise RunDirError(f"--out {out} is not empty: pass --resume to continue that run or "
+                          "--overwrite to replace it")
+    if entries and not _holds_a_run(out):
+        raise RunDirError(f"--overwrite: {out} is not a localmim run directory (no {', '.join(RUN_MARKERS)}); "
+                          "refusing to delete it: pick an empty or new --out")
+    lock = RunLock(out).acquire()   # before deleting: never clear a folder another run writes in
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return lock
 
 
 def _version(dist: str) -> str | None:
@@ -62,9 +119,11 @@ def _version(dist: str) -> str | None:
 
 def manifest(world: World, device: torch.device, seed: int, data: dict[str, Any],
              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    # Versions from package metadata; no plugin is imported here (a broken one the run does not
+    # use must not stop it). "ok" is known for the plugins the run loaded, None for the others.
     plugins = {f"{r.kind}/{r.name}": {"distribution": r.distribution, "version": r.version,
-                                        "ok": r.ok}
-               for kind in registry.GROUPS for r in registry.discover(kind)}
+                                        "ok": r.ok if r.loaded else None}
+               for kind in registry.GROUPS for r in registry.entries(kind)}
     return {
         "localmim": __version__,
         "python": sys.version.split()[0],
@@ -93,13 +152,28 @@ class MetricsLog:
     def __init__(self, path: Path):
         self.path = path
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint, since those steps run again."""
+    def truncate_after(self, step: int) -> list[str]:
+        """On resume, drop lines logged after the checkpoint, since those steps run again, and
+        a final line a crash cut short; returns warnings to show (naming the file)."""
         if not self.path.is_file():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+            return []
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept, warnings = [], []
+        for n, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if n == len(lines):   # the write a crash interrupted
+                    warnings.append(f"{self.path}: dropped a half-written last line (line {n})")
+                    break
+                raise RunDirError(f"{self.path}: line {n} is not valid JSON; fix or delete that line, "
+                                  "then --resume again") from None
+            if not isinstance(record, dict):
+                raise RunDirError(f"{self.path}: line {n} is not a JSON object")
+            if record.get("step", 0) <= step:
+                kept.append(line)
         atomic.write_text(self.path, "".join(line + "\n" for line in kept))
+        return warnings
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

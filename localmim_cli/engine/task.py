@@ -73,7 +73,9 @@ class TrainingTask(ABC):
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """On resume: put the checkpoint's weights (and any state of the task's own) back."""
-        self.model.load_state_dict(checkpoint.model_state())
+        from localmim_cli.weights.loading import load_exactly
+
+        load_exactly(self.model, checkpoint.model_state(), checkpoint.model_file)
 
     def data_record(self) -> dict[str, Any]:
         """manifest.json's "data": where the training images came from and their fingerprint."""

@@ -28,8 +28,9 @@ from localmim_cli.engine import checkpoints, distributed, runs
 from localmim_cli.engine.loop import Placement, RunOutput, Trainer, resolve_precision, run_loop
 from localmim_cli.engine.plan import plan_steps
 from localmim_cli.engine.progress import StepProgress
+from localmim_cli.engine.stopping import ignore_stop_signals
 from localmim_cli.engine.task import Position, TrainingTask
-from localmim_cli.errors import RunDirError
+from localmim_cli.errors import CheckpointError, RunDirError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -77,15 +78,39 @@ def checked_resume(run_dir: Path, resume: bool, settings: Any, allowed: set[str]
     if not resume:
         return None
     ckpt = checkpoints.load(run_dir / "checkpoints")
-    check_resume_compatible(ckpt.meta["settings"], settings.model_dump(mode="json"), allowed)
+    saved = ckpt.meta.get("settings")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{ckpt.path / 'meta.json'}: no settings recorded, so the run cannot be resumed")
+    check_resume_compatible(saved, settings.model_dump(mode="json"), allowed)
     return ckpt
+
+
+def optimizer_state_into(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                         ckpt: checkpoints.Checkpoint) -> None:
+    """The resumed checkpoint's optimizer and grad-scaler state; a CheckpointError naming the file
+    when it does not fit this run's parameters."""
+    training = ckpt.training_state()
+    try:
+        optimizer.load_state_dict(training["optimizer"])
+        scaler.load_state_dict(training["scaler"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{ckpt.training_file}: optimizer state does not fit the model "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def resumed_position(ckpt: checkpoints.Checkpoint) -> Position:
+    try:
+        return Position(**ckpt.meta["position"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{ckpt.path / 'meta.json'}: no valid position to resume from ({exc})") from None
 
 
 def run_loader(dataset: Dataset, sampler: StepBatches, workers: int, device: torch.device) -> DataLoader:
     """One loader for the whole run: its workers persist across epochs, so no epoch pays their
     start-up again. Between passes the sampler moves (`set_position`), and the epoch rides along
     with every index, since the workers keep the dataset copy they started with."""
-    return DataLoader(dataset, batch_sampler=sampler, **loader_kwargs(workers, device, persistent=True))
+    extra = {"worker_init_fn": ignore_stop_signals} if workers > 0 else {}
+    return DataLoader(dataset, batch_sampler=sampler, **loader_kwargs(workers, device, persistent=True), **extra)
 
 
 def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkpoints.Checkpoint | None,
@@ -106,12 +131,13 @@ def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkp
     pos = Position()
     if resumed is not None:
         task.restore(resumed)
-        training = resumed.training_state()
-        optimizer.load_state_dict(training["optimizer"])
-        scaler.load_state_dict(training["scaler"])
-        pos = Position(**resumed.meta["position"])
+        optimizer_state_into(optimizer, scaler, resumed)
+        pos = resumed_position(resumed)
         if world.is_main:
-            metrics.truncate_after(pos.step)
+            checkpoints.clear_partials(ckpt_dir)   # what a crash mid-save left: never read, only takes space
+        if world.is_main:
+            for warning in metrics.truncate_after(pos.step):
+                console.print(f"[yellow]warning:[/] {warning}")
         say(f"resuming from {resumed.path.name}: epoch {pos.epoch}, step {pos.step}")
 
     if world.is_main:
@@ -141,7 +167,7 @@ def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkp
         meta = {"kind": task.kind, "position": dataclasses.asdict(position),
                 "settings": settings.model_dump(mode="json"), "provenance": resolved.provenance,
                 "run_dir": str(run_dir), **task.checkpoint_meta()}
-        checkpoints.save(ckpt_dir, f"step-{position.step:08d}", task.model.state_dict(), meta,
+        checkpoints.save(ckpt_dir, checkpoints.step_name(position.step), task.model.state_dict(), meta,
                          {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
                          keep_last=tr.keep_last)
 

@@ -3,8 +3,9 @@
 Built-in plugins register through the same groups as third-party ones (see pyproject.toml).
 
 Lazy: listing a group reads only package metadata; a plugin's module is imported the first time
-that plugin is asked for by name (or by `localmim plugins list`, which loads every one). So a
-broken third-party plugin costs nothing, and breaks nothing, for a run that does not use it.
+that plugin is asked for by name (`localmim plugins list` imports every one, each in a child
+process: plugins/probe.py). So a broken third-party plugin costs nothing, and breaks nothing, for
+a run that does not use it.
 
 Isolated: a plugin that fails to import, has the wrong type, was written for another interface
 version, or claims a name another plugin already has is recorded with its error and skipped;
@@ -81,7 +82,9 @@ def _load(kind: str, ep: EntryPoint) -> tuple[EncoderPlugin | TargetPlugin | Non
     expected_type = GROUPS[kind][1]
     try:
         obj = ep.load()
-    except (Exception, SystemExit) as exc:  # a plugin's import may fail in any way; report it, never crash
+    # A plugin's import may fail in any way; report it, never crash. (One that hangs or calls
+    # os._exit cannot be survived in-process: `plugins list` imports in a child, plugins/probe.py.)
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
         return None, f"failed to import {ep.value}: {type(exc).__name__}: {exc}"
     if not isinstance(obj, expected_type):
         return None, (f"{ep.value} is a {type(obj).__name__}, not a "

@@ -24,7 +24,7 @@ from localmim_cli.targets.base import TARGET_API_VERSION, ReconstructionTarget, 
 
 
 class HOGOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     nbins: int = Field(9, ge=2, description="orientation bins over 180 degrees (published: 9 ViT-B, 18 ViT-L)")
     bias: bool = Field(False, description="frozen random Sobel bias per scale (published ViT-L / Swin)")

@@ -13,7 +13,7 @@ PIXEL_NORM_EPS = 1e-6
 
 
 class PixelOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     normalize: bool = Field(True, description="per cell: subtract the mean, divide by sqrt(var + 1e-6)")
 

@@ -12,6 +12,7 @@ host synchronisation per step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -380,7 +381,9 @@ def finetune(resolved: "Resolved", run_dir: Path | str, *, resume: bool = False,
     console = console or Console(soft_wrap=True)
     run_dir = Path(run_dir)
     _, weights, _ = preflight(resolved.settings, resume)
+    lock = contextlib.nullcontext()   # the main process alone writes, so it alone locks
     if distributed.from_environment().is_main:
-        runs.prepare(run_dir, resume, overwrite)
+        lock = runs.prepare(run_dir, resume, overwrite)
         console.print(f"run directory: {run_dir}")
-    return run(resolved, run_dir, resume, console, weights)
+    with lock:
+        return run(resolved, run_dir, resume, console, weights)

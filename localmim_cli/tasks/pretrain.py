@@ -9,6 +9,7 @@ torchrun, checkpoints, metrics) is `engine.training`'s.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from localmim_cli.config.schema import PretrainSettings
 from localmim_cli.data.images import PretrainImages, fingerprint, pretrain_dataset
 from localmim_cli.engine import distributed, runs, training
 from localmim_cli.engine.loop import Placement
+from localmim_cli.engine.plan import plan_steps
 from localmim_cli.engine.task import Position, RunLog, TrainingTask
 from localmim_cli.model.build import build_model
 from localmim_cli.model.localmim import LocalMIM
@@ -51,6 +53,7 @@ def check(settings: PretrainSettings) -> str:
     model = build_model(settings.model)
     dataset, unreadable = pretrain_dataset(settings.data, settings.model.img_size, model.num_units,
                                            settings.train.seed)
+    plan_steps(len(dataset), settings, 1)   # an epoch of at least one step, min_lr below the peak
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return (f"{len(dataset.paths)} images ({len(unreadable)} unreadable left out); model "
             f"{n_params / 1e6:.2f} M trainable parameters; cells {model.cells_px} px at "
@@ -63,10 +66,12 @@ def pretrain(resolved: Resolved, run_dir: Path | str, *, resume: bool = False, o
     train; returns a summary of the last logged step. Every process of a torchrun calls this."""
     console = console or Console(soft_wrap=True)
     run_dir = Path(run_dir)
+    lock = contextlib.nullcontext()   # the main process alone writes, so it alone locks
     if distributed.from_environment().is_main:
-        runs.prepare(run_dir, resume, overwrite)
+        lock = runs.prepare(run_dir, resume, overwrite)
         console.print(f"run directory: {run_dir}")
-    return run(resolved, run_dir, resume, console)
+    with lock:
+        return run(resolved, run_dir, resume, console)
 
 
 def run(resolved: Resolved, run_dir: Path, resume: bool, console: Console) -> dict[str, Any]:

@@ -57,9 +57,8 @@ def load_for_visualize(path: Path | str) -> tuple["LocalMIM", dict[str, Any], st
     key layout, .pth or .safetensors). Anything without decoders (an exported encoder, a
     fine-tuned model, MAE's encoder) is refused with a CheckpointError saying what to pass.
     """
-    from safetensors.torch import load_file
-
     from localmim_cli.engine import checkpoints
+    from localmim_cli.weights.loading import read_safetensors
     from localmim_cli.weights.locate import CheckpointFolder, ExportFolder, locate, without_meta
 
     found = locate(path)
@@ -72,7 +71,7 @@ def load_for_visualize(path: Path | str) -> tuple["LocalMIM", dict[str, Any], st
         return _load_ours(checkpoints.load(found.folder))
     if isinstance(found, ExportFolder):
         model_file = found.folder / "model.safetensors"
-        raise _refuse_without_decoders(model_file, _describe_encoder_only(load_file(str(model_file))))
+        raise _refuse_without_decoders(model_file, _describe_encoder_only(read_safetensors(model_file)))
     if found.layout in ("localmim_vit", "localmim_swin"):
         return _load_published(found)
     if found.layout == "ours" and any(k.startswith("decoders.") for k in found.state):

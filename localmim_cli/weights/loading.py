@@ -19,6 +19,20 @@ if TYPE_CHECKING:
 SHOWN = 10   # keys named per kind of mismatch
 
 
+def read_safetensors(path: Path | str) -> "dict[str, torch.Tensor]":
+    """A safetensors file's tensors; a CheckpointError naming it when it is missing or broken
+    (truncated by a crash or a full disk, or not safetensors at all)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return load_file(str(path))
+    except Exception as exc:   # safetensors raises its own error types on a broken file
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or damaged: {exc})") from None
+
+
 @dataclass
 class KeyReport:
     """How a state dict fits a model: what neither side can place."""

@@ -140,13 +140,26 @@ def checkpoint_folder(path: Path | str) -> CheckpointFolder:
     return CheckpointFolder(given, given_as, path, meta)
 
 
-def _latest(checkpoints: Path) -> str:
-    """The checkpoint latest.json points at; the newest complete one when it is gone or broken."""
+def read_latest(checkpoints: Path) -> str | None:
+    """The checkpoint name latest.json holds; None when the file is missing or unreadable (a
+    crash before its first write). A name that leads outside the folder is refused: latest.json
+    names a sibling folder, nothing else."""
     try:
         name = json.loads((checkpoints / LATEST).read_text())["name"]
     except (OSError, ValueError, KeyError, TypeError):
-        name = None
-    if isinstance(name, str) and (checkpoints / name / "meta.json").is_file():
+        return None
+    if not isinstance(name, str):
+        return None
+    if Path(name).name != name or name in ("", ".", "..") or name.startswith("."):
+        raise CheckpointError(f"{checkpoints / LATEST}: names {name!r}, which is not a checkpoint folder "
+                              f"inside {checkpoints}; fix or delete latest.json (the newest step-* is then used)")
+    return name
+
+
+def _latest(checkpoints: Path) -> str:
+    """The checkpoint latest.json points at; the newest complete one when it is gone or broken."""
+    name = read_latest(checkpoints)
+    if name is not None and (checkpoints / name / "meta.json").is_file():
         return name
     found = sorted(p.name for p in checkpoints.glob("step-*") if (p / "meta.json").is_file())
     if not found:

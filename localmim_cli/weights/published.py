@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from localmim_cli.config.schema import DecoderSettings, ModelSettings, PluginChoice
 from localmim_cli.encoders.vit import VIT_ARCHS, default_vit_taps
 from localmim_cli.errors import CheckpointError
-from localmim_cli.weights.loading import KeyReport, compare
+from localmim_cli.weights.loading import KeyReport, compare, read_safetensors
 
 SAFE_GLOBALS = [argparse.Namespace]
 
@@ -35,10 +34,7 @@ def read_published(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path)), {}
-        except Exception as exc:   # safetensors raises its own error types on a broken file
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        return read_safetensors(path), {}
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)

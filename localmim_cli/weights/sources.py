@@ -219,7 +219,7 @@ def _from_finetune(found: CheckpointFolder, ckpt: "Checkpoint") -> EncoderWeight
 
 
 def _from_export(folder: Path) -> EncoderWeights:
-    from safetensors.torch import load_file
+    from localmim_cli.weights.loading import read_safetensors
 
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -234,7 +234,7 @@ def _from_export(folder: Path) -> EncoderWeights:
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{folder / 'config.json'}: not a ViT export this program can read "
                               f"(missing {exc})") from None
-    state = load_file(str(folder / "model.safetensors"))
+    state = read_safetensors(folder / "model.safetensors")
     pooling: Pooling = ("pool_then_norm" if "fc_norm.weight" in state
                         else "norm_then_pool" if "norm.weight" in state else "pool")
     classes = config.get("label_names") if "head.weight" in state else None
@@ -462,5 +462,6 @@ def _own_encoder_state(weights: EncoderWeights) -> dict[str, torch.Tensor]:
     dropped), so its file is read again; other encoders keep theirs."""
     if weights.encoder_name != "vit":
         return weights.state
-    from safetensors.torch import load_file
-    return {k[len("encoder."):]: v for k, v in load_file(str(weights.model_file)).items() if k.startswith("encoder.")}
+    from localmim_cli.weights.loading import read_safetensors
+    state = read_safetensors(weights.model_file)
+    return {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}

@@ -85,7 +85,9 @@ def run_loader(dataset: Dataset, sampler: StepBatches, workers: int, device: tor
     """One loader for the whole run: its workers persist across epochs, so no epoch pays their
     start-up again. Between passes the sampler moves (`set_position`), and the epoch rides along
     with every index, since the workers keep the dataset copy they started with."""
-    return DataLoader(dataset, batch_sampler=sampler, **loader_kwargs(workers, device, persistent=True))
+    collate = getattr(dataset, "collate", None)  # a dataset may batch its own way (PretrainImages)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate() if collate else None,
+                      **loader_kwargs(workers, device, persistent=True))
 
 
 def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkpoints.Checkpoint | None,

@@ -153,3 +153,37 @@ def test_truncated_jpeg_found_in_training_is_named_or_listed_when_skipped(data, 
     listed = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert [entry["file"] for entry in listed] == [str(cut)]
     assert json.loads((out / "manifest.json").read_text())["data"]["skipped_during_training"] == 1
+
+
+# --- large images ------------------------------------------------------------------------------
+
+def test_a_huge_image_is_refused_by_name_before_its_pixels_are_decoded(tmp_path, capsys):
+    import struct
+    import zlib
+
+    huge = tmp_path / "data" / "huge.png"
+    huge.parent.mkdir()
+    Image.new("RGB", (8, 8)).save(huge)
+    raw = bytearray(huge.read_bytes())
+    raw[16:24] = struct.pack(">II", 20000, 10000)  # IHDR says 200 megapixels; no pixels follow
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    huge.write_bytes(bytes(raw))
+    code, err = run_main(capsys, "pretrain", huge.parent, "--dry-run")
+    assert code == 2 and "huge.png" in err and "megapixel limit" in err and "Traceback" not in err, err
+
+
+def test_large_non_jpeg_is_reduced_before_the_crop_with_the_same_geometry(tmp_path):
+    from localmim_cli.data.images import PretrainImages
+    from localmim_cli.data.sample_photos import sample_photo_paths
+
+    png = next(p for p in sample_photo_paths() if p.name == "coffee.png")  # 600 x 400
+    fast = PretrainImages([png], 32, (0.2, 1.0), True, seed=3, num_units=4, repeats=4)
+    exact = PretrainImages([png], 32, (0.2, 1.0), True, seed=3, num_units=4, repeats=4, draft=False)
+    from localmim_cli.data.decode import decode
+    decoded = decode(png, fast.draft_size)
+    assert decoded.reduction == 400 // fast.draft_size and decoded.full_size == (600, 400)
+    for i in range(4):
+        a, b = fast[i], exact[i]
+        assert torch.equal(a["view"], b["view"])  # crops chosen in full-resolution pixels
+        diff = ((a["image"] - b["image"]) * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255).abs()
+        assert diff.mean() < 2.0, (i, diff.mean().item())  # box-reduced then bicubic vs bicubic alone

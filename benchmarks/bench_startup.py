@@ -1,13 +1,13 @@
 """Time to the first training step on a large folder: this checkout against an older commit.
 
-    python benchmarks/bench_startup.py [--before main] [--images 50000] [--workers 0]
+    python benchmarks/bench_startup.py [--before main] [--images 50000] [--workers 0] [--repeats 3]
 
 Makes N small JPEGs (64x48 crops of the sample photos; cached under ~/.cache/localmim-bench, so
 later runs skip it), then times `localmim pretrain` (a tiny model, 32 px) from process start to
 the first metrics.jsonl line, for a first start and for a `--resume` of that run (to the first
 step after the checkpoint). The older commit runs from a temporary git worktree with the same
 interpreter, so both sides share everything but the package code. Each process is killed once
-its step is recorded. Prints the seconds and the ratios.
+its step is recorded. The two sides alternate; prints the median seconds and the ratios.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,8 +109,8 @@ def seconds_to_step(source: Path, args: list[str], run_dir: Path, after: int) ->
         proc.wait()
 
 
-def measure(source: Path, data: Path, tmp: Path, workers: int) -> tuple[float, float]:
-    run_dir = tmp / f"run-{source.name}"
+def measure(source: Path, data: Path, tmp: Path, workers: int, attempt: int) -> tuple[float, float]:
+    run_dir = tmp / f"run-{source.name}-{attempt}"
     config = tmp / "tiny.toml"
     config.write_text(TINY)
     first = seconds_to_step(source, [str(data), "--config", str(config), "--out", str(run_dir),
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--before", default="main", help="git ref to compare against")
     parser.add_argument("--images", type=int, default=50_000)
     parser.add_argument("--workers", type=int, default=0, help="data.workers for both sides")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating before/after; medians shown")
     args = parser.parse_args()
     data = make_images(args.images)
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -132,12 +134,17 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(old), args.before], cwd=REPO, check=True,
                        capture_output=True)
         try:
-            before = measure(old, data, tmp, args.workers)
-            after = measure(REPO, data, tmp, args.workers)
+            times: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+            for attempt in range(args.repeats):  # alternating, so load drifting falls on both alike
+                times["before"].append(measure(old, data, tmp, args.workers, attempt))
+                times["after"].append(measure(REPO, data, tmp, args.workers, attempt))
+            before, after = ([statistics.median(t[k] for t in times[side]) for k in (0, 1)]
+                             for side in ("before", "after"))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, check=False,
                            capture_output=True)
-    print(f"time to the first training step, {args.images} JPEGs of 64x48 (tiny model, CPU):")
+    print(f"time to the first training step, {args.images} JPEGs of 64x48 (tiny model, CPU), "
+          f"median of {args.repeats}:")
     for label, b, a in (("first start", before[0], after[0]), ("--resume   ", before[1], after[1])):
         print(f"  {label}: before ({args.before}) {b:6.1f} s, after (this checkout) {a:6.1f} s, "
               f"before / after = {b / a:.1f}x")

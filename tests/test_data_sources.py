@@ -20,6 +20,7 @@ from localmim_cli.data import index as indexing
 from localmim_cli.data.images import data_index
 from localmim_cli.data.sources import find_images
 from localmim_cli.engine import checkpoints
+from localmim_cli.errors import DataError
 from tiny_runs import invoke, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,6 +79,19 @@ def test_resume_reuses_the_index_without_opening_files(data, tmp_path, monkeypat
     again = data_index(DataSettings(path=moved), tmp_path, None, resume=True)
     assert again.fingerprint == first.fingerprint
     assert again.readable() == [moved / p.relative_to(data) for p in first.readable()]
+
+
+def test_a_lost_index_is_rebuilt_on_resume_and_checked_against_the_manifest(data, tmp_path):
+    settings = DataSettings(path=data)
+    first = data_index(settings, tmp_path, None, resume=False)
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"data": {"fingerprint": first.fingerprint, "index": indexing.INDEX_NAME}}))
+    (tmp_path / indexing.INDEX_NAME).unlink()
+    assert data_index(settings, tmp_path, None, resume=True).fingerprint == first.fingerprint
+    (tmp_path / indexing.INDEX_NAME).unlink()
+    shutil.copy(next(data.rglob("*.jpg")), data / "added.jpg")
+    with pytest.raises(DataError, match="changed since the run started"):
+        data_index(settings, tmp_path, None, resume=True)
 
 
 def test_changed_folder_is_refused_on_resume_with_the_differences(data, tmp_path, tiny_config, capsys):

@@ -28,6 +28,10 @@ from localmim_cli.errors import DataError
 # Pillow refuses images above twice its MAX_IMAGE_PIXELS (about 179 megapixels) as possible
 # decompression bombs, and only warns between one and two times it. One limit, stated once.
 MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+# Below MAX_PIXELS an image is decoded (reduced, see above), so Pillow's warning between one and
+# two times its limit says nothing here, and would print once per loader worker. Set once at
+# import: catch_warnings() per file is not thread-safe, and the pre-flight check runs in threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _EXIF_ORIENTATION = 0x0112
 # EXIF orientation -> the transpose that shows the photo upright (as ImageOps.exif_transpose)
@@ -118,14 +122,12 @@ def open_image(ref: ImageRef, data: bytes | None = None) -> Image.Image:
     """
     if data is None and isinstance(ref, Member):
         data = read_bytes(ref)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data) if data is not None else Path(ref))
-        except Image.DecompressionBombError as error:
-            raise DataError(f"{ref}: above the {MAX_PIXELS / 1e6:.0f}-megapixel limit (a guard against "
-                            f"decompression bombs; {error}); downscale it, or leave it out "
-                            f"(--skip-unreadable)") from error
+    try:
+        img = Image.open(io.BytesIO(data) if data is not None else Path(ref))
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{ref}: above the {MAX_PIXELS / 1e6:.0f}-megapixel limit (a guard against "
+                        f"decompression bombs; {error}); downscale it, or leave it out "
+                        f"(--skip-unreadable)") from error
     if img.width * img.height > MAX_PIXELS:
         img.close()
         raise too_large(ref, img.width, img.height)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
@@ -95,6 +96,7 @@ class PretrainImages(Dataset):
         self.repeats = repeats
         self.draft_size = draft_size_for(img_size, self.crop_scale[0]) if draft else None
         self.jpeg_bytes = jpeg_bytes
+        self.index: DataIndex | None = None  # the run's data index these paths came from, if any
         self.epoch = 0
         self.skipped: list[str] = []
         self._unreadable: set[int] = set()
@@ -155,7 +157,7 @@ class PretrainImages(Dataset):
             "skipped": skipped,
         }
         if isinstance(loaded, JpegBytes):
-            sample["jpeg"] = torch.frombuffer(bytearray(loaded.data), dtype=torch.uint8)
+            sample["jpeg"] = torch.from_numpy(np.frombuffer(loaded.data, dtype=np.uint8).copy())
         else:
             sample["image"] = pillow_view(loaded.image, loaded.reduction, params, self.img_size)  # (3, S, S)
         return sample
@@ -226,7 +228,7 @@ def data_index(data: DataSettings, run_dir: Path | None, world: World | None, re
         else:
             index = indexing.build_index(source, data.check, data.skip_unreadable)
             if resume:
-                indexing.verify_legacy_fingerprint(Path(run_dir), index)
+                indexing.verify_fingerprint(Path(run_dir), index)
         indexing.write_index(path, index)
     distributed.barrier(world)
     return index if world.is_main else indexing.read_index(path)

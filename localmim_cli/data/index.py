@@ -192,35 +192,51 @@ def _listing(source: Source) -> tuple[Path, list[Path]]:
     return base, files
 
 
+def _relative(path: Path, base: Path) -> str:
+    text, prefix = str(path), str(base).rstrip(os.sep) + os.sep
+    if text.startswith(prefix):  # the common case (a folder's own images): no path arithmetic
+        return text[len(prefix):].replace(os.sep, "/")
+    return os.path.relpath(path.absolute(), base.absolute()).replace(os.sep, "/")
+
+
 def _stat(path: Path, base: Path) -> FileStat:
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError as error:
         raise DataError(f"{path}: cannot stat ({error.strerror})") from error
-    return os.path.relpath(path.absolute(), base.absolute()).replace(os.sep, "/"), st.st_size, st.st_mtime_ns
+    return _relative(path, base), st.st_size, st.st_mtime_ns
 
 
-def _stat_all(files: list[Path], base: Path, threads: int | None) -> list[FileStat]:
-    with ThreadPoolExecutor(max_workers=_threads(threads)) as pool:
-        return list(pool.map(lambda p: _stat(p, base), files))
+def _stat_all(files: list[Path], base: Path) -> list[FileStat]:
+    # One after the other: a stat of a listed folder's file costs microseconds, less than a
+    # thread pool's bookkeeping per item.
+    return [_stat(p, base) for p in files]
+
+
+def _stat_and_check(path: Path, base: Path, check: Check) -> tuple[FileStat, str | None]:
+    return _stat(path, base), None if check == "none" else read_problem(path, check == "full")
 
 
 def build_index(source: Source, check: Check, skip_unreadable: bool, *, threads: int | None = None) -> DataIndex:
-    """List, stat and check (`check`: header, full, or none) every image of `source`."""
+    """List, stat and check (`check`: header, full, or none) every image of `source`. The
+    checks run in threads, each with its file's stat: both wait on the file system."""
     base, files = _listing(source)
-    stats = _stat_all(files, base, threads)
     members: list[tuple[int, str, int, int]] = []
     if source.kind == "shards":
+        stats = _stat_all(files, base)
         number = {p: i for i, p in enumerate(files)}
         refs: list[ImageRef] = list(list_images(source))
         members = [(number[m.shard], m.name, m.offset, m.size) for m in refs]
+        if check == "none":
+            problems: list[str | None] = [None] * len(refs)
+        else:
+            with ThreadPoolExecutor(max_workers=_threads(threads)) as pool:
+                problems = list(pool.map(lambda ref: read_problem(ref, check == "full"), refs))
     else:
         refs = list(files)
-    if check == "none":
-        problems: list[str | None] = [None] * len(refs)
-    else:
         with ThreadPoolExecutor(max_workers=_threads(threads)) as pool:
-            problems = list(pool.map(lambda ref: read_problem(ref, check == "full"), refs))
+            done = list(pool.map(lambda p: _stat_and_check(p, base, check), files, chunksize=64))
+        stats, problems = [s for s, _ in done], [why for _, why in done]
     _split_readable(refs, problems, skip_unreadable)  # raises unless skipping
     unreadable = [(i, why) for i, why in enumerate(problems) if why is not None]
     return DataIndex(source.kind, base, stats, members, unreadable, check)
@@ -243,8 +259,7 @@ def changes(before: list[FileStat], now: list[FileStat]) -> list[str]:
     return sorted(out, key=lambda line: line[2:])
 
 
-def verify_unchanged(index: DataIndex, source: Source, index_path: Path, *,
-                     threads: int | None = None) -> DataIndex:
+def verify_unchanged(index: DataIndex, source: Source, index_path: Path) -> DataIndex:
     """The index, if `source` still lists exactly the files it was built from; else DataError
     naming the first differences. Lists and stats only: no file is opened."""
     if source.kind != index.kind:
@@ -255,7 +270,7 @@ def verify_unchanged(index: DataIndex, source: Source, index_path: Path, *,
     except DataError as error:
         raise DataError(f"the run's data is no longer readable as it was when the run started: "
                         f"{error}") from error
-    now = _stat_all(files, base, threads)
+    now = _stat_all(files, base)
     if now != index.files:
         diffs = changes(index.files, now)
         shown = "; ".join(diffs[:_SHOWN_CHANGES])
@@ -268,20 +283,22 @@ def verify_unchanged(index: DataIndex, source: Source, index_path: Path, *,
     return replace(index, base=base)
 
 
-def verify_legacy_fingerprint(run_dir: Path, index: DataIndex) -> None:
-    """A run started before runs kept their index: compare the fingerprint its manifest.json
-    recorded (over the readable files' names, sizes and mtimes) with the data now."""
+def verify_fingerprint(run_dir: Path, index: DataIndex) -> None:
+    """A resumed run whose data-index.json is gone (deleted, or the run predates it): compare the
+    fingerprint its manifest.json recorded with the index just built from the data now."""
     try:
         data = json.loads((run_dir / "manifest.json").read_text())["data"]
         recorded = data["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # nothing recorded to compare with
-    if "index" in data:
-        raise DataError(f"{run_dir / INDEX_NAME}: the run's data index is missing, so the data cannot be "
-                        f"checked against what the run started with; start a new run (another --out)")
-    if index.kind == "shards" or not recorded:
+    if not recorded:
         return
-    now = fingerprint(index.readable())
+    if "index" in data:
+        now = index.fingerprint
+    elif index.kind == "shards":
+        return  # runs before the index could not read shards
+    else:
+        now = fingerprint(index.readable())  # how runs before the index fingerprinted their files
     if now != recorded:
         raise DataError(f"{index.base}: the data changed since the run started (fingerprint {recorded} "
                         f"in {run_dir / 'manifest.json'}, {now} now: files were added, removed or "

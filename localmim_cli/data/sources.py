@@ -6,7 +6,8 @@
 - one image file;
 - a text file of image paths, one per line (relative paths are relative to the list file;
   blank lines and lines starting with "#" are ignored); the order of the lines is kept;
-- tar shards in the WebDataset layout: one `.tar`, a folder holding `*.tar` files, or a brace
+- tar shards in the WebDataset layout: one `.tar`, a folder holding `*.tar` files (directly in
+  it: such a folder is read as shards, in name order, and nothing else in it is read), or a brace
   pattern such as `shards-{000..009}.tar`. Members are grouped into samples by their basename
   (the name up to the first dot after the last "/"); a sample's image is its member with an
   image suffix (the first in IMAGE_SUFFIXES order when there are several).
@@ -240,7 +241,7 @@ class Source:
 def source_of(path: Path | None) -> Source:
     if path is None:
         return Source("samples", None)
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().absolute()  # workers and index names need no working folder
     shards = find_shards(path)
     if shards is not None:
         return Source("shards", path, tuple(shards))

@@ -30,7 +30,8 @@ from localmim_cli.model.localmim import LocalMIM
 
 # Settings a resume may change without breaking exact continuation. data.path may change only
 # to name the same data moved elsewhere: the run's data index must still match it (data.index).
-# data.decode, like train.device, changes pixels only by resampling noise (see augment.tensor_view).
+# data.decode, like train.device, changes numbers only by rounding: nvJPEG's IDCT vs libjpeg's
+# (the views are cut alike; see augment.tensor_view).
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
                      "train.visualize_every", "train.device", "data.workers", "data.path", "data.check",
                      "data.decode"}
@@ -114,9 +115,11 @@ class PretrainTask(TrainingTask):
         """A loaded batch on the device: a decode error raised here as one line, skipped files
         listed, JPEGs left for the GPU decoded there (the GPU data path; `gpu_decode`)."""
         if "error" in batch:
-            raise DataError(f"{batch['error']}. The file passed the check before training "
-                            f"(data.check = {self.settings.data.check}); pass --skip-unreadable to "
-                            f"leave out such files, or set data.check = full to find them all first")
+            check = self.dataset.index.check
+            checked = ("was not checked before training (data.check = none)" if check == "none" else
+                       f"passed the check before training (data.check = {check})")
+            raise DataError(f"{batch['error']}. The file {checked}; pass --skip-unreadable to leave "
+                            f"out such files, or set data.check = full to find them all first")
         self.skips.add(batch["skipped"])
         device = self.placement.device
         images = batch["image"].to(device, non_blocking=True)

@@ -36,7 +36,7 @@ def main() -> None:
     model = build_model(settings.model).to(device)
     dataset, _ = pretrain_dataset(settings.data, settings.model.img_size, model.num_units, 0)
     batch = settings.train.batch_size
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=args.workers,
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=args.workers, collate_fn=dataset.collate(),
                         drop_last=True, persistent_workers=args.workers > 0)
 
     def loader_rate() -> float:

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from localmim_cli.data.images import IMAGE_SUFFIXES, LabelledImages, PretrainImages, center_crop_transform, check_readable, decode, find_classes, find_images, fingerprint, generator_for, load_rgb, pretrain_dataset, random_resized_crop_params, resolve_image_paths, split_indices, to_tensor
+from localmim_cli.data.images import IMAGE_SUFFIXES, PretrainImages, center_crop_transform, decode, find_images, generator_for, load_rgb, pretrain_dataset, random_resized_crop_params, resolve_image_paths, to_tensor
+from localmim_cli.data.index import check_readable, fingerprint
+from localmim_cli.data.labelled import LabelledImages, find_classes, split_indices
 from localmim_cli.errors import DataError
 from localmim_cli.data.sample_photos import SAMPLE_PHOTOS, SAMPLE_PHOTOS_CREDIT, sample_photo_paths
 from localmim_cli.config.schema import DataSettings

@@ -15,8 +15,10 @@ from localmim_cli.cli.output import console, print_settings
 
 def pretrain(
     data: Annotated[Optional[Path], typer.Argument(
-        help="Folder of images (searched recursively; JPEG, PNG, WebP, BMP, TIFF). "
-             "Leave out to use the built-in sample photos.", show_default=False)] = None,
+        help="Folder of images (searched recursively; JPEG, PNG, WebP, BMP, TIFF), a text file listing "
+             "image paths (one per line, relative to the list), or WebDataset tar shards (a .tar, a folder "
+             "of them, or a pattern like 'shards-{000..009}.tar'). Leave out to use the built-in sample "
+             "photos.", show_default=False)] = None,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -34,7 +36,8 @@ def pretrain(
     encoder: Annotated[Optional[str], typer.Option(help="model.encoder.name (a plugin)")] = None,
     target: Annotated[Optional[str], typer.Option(help="model.target.name (a plugin)")] = None,
     skip_unreadable: Annotated[Optional[bool], typer.Option(
-        "--skip-unreadable", help="Leave out images that fail to decode (counted in the manifest).")] = None,
+        "--skip-unreadable", help="Leave out images that fail to decode (listed in manifest.json, and in skipped.jsonl "
+                                   "when found during training).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve settings, check the data and "
                                                             "build the model, then stop.")] = False,
 ) -> None:

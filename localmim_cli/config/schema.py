@@ -74,13 +74,19 @@ class ModelSettings(Strict):
 
 
 class DataSettings(Strict):
-    path: Path | None = Field(None, description="image folder (recursive); empty = built-in sample photos")
+    path: Path | None = Field(None, description="image folder (recursive), one image, a text list of image paths, or tar shards (a .tar, a folder of them, or shards-{000..009}.tar); empty = built-in sample photos")
     crop_scale: CropScale = Field((0.2, 1.0), description="RandomResizedCrop area range")
     hflip: bool = Field(True, description="random horizontal flip")
     workers: int = Field(2, ge=0, description="loader processes per device")
     skip_unreadable: bool = Field(False, description="skip files that fail to decode (counted in the log) "
                                                      "instead of stopping")
     repeats: int = Field(1, ge=1, description="passes over the folder per epoch (small folders)")
+    check: Literal["header", "full", "none"] = Field(
+        "header", description="before the first run of a data folder: open every header (header), "
+                              "decode every image (full) or trust the files (none)")
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="where JPEGs are decoded: gpu (nvJPEG, batched; CUDA only), cpu (loader "
+                            "workers), auto = gpu when training on CUDA")
 
 
 class OptimSettings(Strict):

@@ -18,12 +18,13 @@ from PIL import Image
 
 from localmim_cli.data import images
 from localmim_cli.data.images import IMAGENET_MEAN, IMAGENET_STD
+from localmim_cli.data.sources import Member
 from localmim_cli.errors import DataError
 
 
 @dataclass
 class PreparedImage:
-    path: Path
+    path: Path | Member  # a file, or a member of a tar shard
     pixels: np.ndarray    # (S, S, 3) uint8: the centre crop at the model's input size
     tensor: torch.Tensor  # (3, S, S) float32: pixels / 255, ImageNet-normalized (the model's input)
 
@@ -64,8 +65,10 @@ def to_uint8(normalized: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
 
 
-def prepare_image(path: Path, size: int) -> PreparedImage:
-    """Decode as training decodes (upright by EXIF, 8-bit RGB), centre-crop, resize, normalize."""
-    rgb = images.load_rgb(Path(path))
+def prepare_image(path: Path | Member, size: int) -> PreparedImage:
+    """Decode as training decodes (upright by EXIF, 8-bit RGB), centre-crop, resize, normalize.
+    `path` may be a tar shard member, as training images may be."""
+    ref = path if isinstance(path, Member) else Path(path)
+    rgb = images.load_rgb(ref)
     pixels = np.asarray(centre_crop_resize(rgb, size), dtype=np.uint8)
-    return PreparedImage(Path(path), pixels, normalize(pixels))
+    return PreparedImage(ref, pixels, normalize(pixels))

@@ -198,6 +198,7 @@ def _steps(t: Trainer, pos: Position, stop: StopRequest) -> dict[str, Any]:
         meter.reset()
         for micro, batch in enumerate(t.batches(epoch, start), start=start):
             meter.fetched()
+            batch = task.batch_transform(batch)
             last_micro = (micro + 1) % plan.accum_steps == 0
             sync = contextlib.nullcontext() if (last_micro or not world.distributed) else t.net.no_sync()
             with sync:

@@ -63,6 +63,12 @@ class TrainingTask(ABC):
         """(loss to minimise, per-part losses (loss_count,), images in the batch) of one
         micro-batch. `net` is `model`, DDP-wrapped under torchrun; called under autocast."""
 
+    def batch_transform(self, batch: Any) -> Any:
+        """A batch as `forward` takes it, from the batch as the loader gave it; called in the
+        main process right after each batch arrives. The default changes nothing; pretraining
+        moves the batch to the device here and finishes decoding there (the GPU data path)."""
+        return batch
+
     @abstractmethod
     def loss_fields(self, losses: list[float]) -> dict[str, float]:
         """The loss entries of a metrics record, from the interval's mean per-part losses."""

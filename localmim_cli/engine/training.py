@@ -110,7 +110,9 @@ def run_loader(dataset: Dataset, sampler: StepBatches, workers: int, device: tor
     start-up again. Between passes the sampler moves (`set_position`), and the epoch rides along
     with every index, since the workers keep the dataset copy they started with."""
     extra = {"worker_init_fn": ignore_stop_signals} if workers > 0 else {}
-    return DataLoader(dataset, batch_sampler=sampler, **loader_kwargs(workers, device, persistent=True), **extra)
+    collate = getattr(dataset, "collate", None)  # a dataset may batch its own way (PretrainImages)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate() if collate else None,
+                      **loader_kwargs(workers, device, persistent=True), **extra)
 
 
 def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkpoints.Checkpoint | None,

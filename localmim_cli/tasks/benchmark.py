@@ -277,6 +277,7 @@ def measure_loader(settings: PretrainSettings, model: LocalMIM, step, device: to
     workers, batch = settings.data.workers, settings.train.batch_size
     dataset, _ = pretrain_dataset(settings.data, settings.model.img_size, model.num_units, settings.train.seed)
     loader = DataLoader(dataset, batch_sampler=_EndlessBatches(len(dataset), batch, settings.train.seed),
+                        collate_fn=dataset.collate(),
                         num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     # Enough batches that the few the workers finish while the first is awaited weigh little.

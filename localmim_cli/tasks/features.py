@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from localmim_cli.data.images import LabelledImages, center_crop_transform, fingerprint, load_rgb, split_indices
+from localmim_cli.data.images import center_crop_transform, load_rgb
+from localmim_cli.data.index import fingerprint
+from localmim_cli.data.labelled import LabelledImages, split_indices
 from localmim_cli.data.samplers import loader_kwargs
 from localmim_cli.errors import DataError
 from localmim_cli.seeding import derive_seed

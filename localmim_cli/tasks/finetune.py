@@ -287,7 +287,7 @@ class FinetuneTask(TrainingTask):
         self.best, self.last_val = ckpt.meta.get("best") or {}, ckpt.meta.get("val") or {}
 
     def data_record(self) -> dict[str, Any]:
-        from localmim_cli.data.images import fingerprint
+        from localmim_cli.data.index import fingerprint
         from localmim_cli.tasks.features import split_record
         return {**split_record(self.split), "fingerprint": fingerprint([p for p, _ in self.split.train])}
 

@@ -10,6 +10,7 @@ torchrun, checkpoints, metrics) is `engine.training`'s.
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +19,24 @@ from rich.console import Console
 
 from localmim_cli.config.layers import Resolved
 from localmim_cli.config.schema import PretrainSettings
-from localmim_cli.data.images import PretrainImages, fingerprint, pretrain_dataset
+from localmim_cli.data.gpu_decode import place_views, uses_gpu_decode
+from localmim_cli.data.images import PretrainImages, pretrain_dataset
+from localmim_cli.data.skips import SkipLog
 from localmim_cli.engine import distributed, runs, training
 from localmim_cli.engine.loop import Placement
 from localmim_cli.engine.plan import plan_steps
 from localmim_cli.engine.task import Position, RunLog, TrainingTask
+from localmim_cli.errors import DataError
 from localmim_cli.model.build import build_model
 from localmim_cli.model.localmim import LocalMIM
 
-# Settings a resume may change without breaking exact continuation.
+# Settings a resume may change without breaking exact continuation. data.path may change only
+# to name the same data moved elsewhere: the run's data index must still match it (data.index).
+# data.decode, like train.device, changes numbers only by rounding: nvJPEG's IDCT vs libjpeg's
+# (the views are cut alike; see augment.tensor_view).
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
-                     "train.visualize_every", "train.device", "data.workers", "data.path"}
+                     "train.visualize_every", "train.device", "data.workers", "data.path", "data.check",
+                     "data.decode"}
 
 
 def param_groups(model: LocalMIM, weight_decay: float) -> list[dict[str, Any]]:
@@ -85,12 +93,16 @@ def run(resolved: Resolved, run_dir: Path, resume: bool, console: Console) -> di
         resumed = training.checked_resume(run_dir, resume, settings, RESUMABLE_CHANGES)
         torch.manual_seed(settings.train.seed)
         model = build_model(settings.model).to(placement.device)
+        gpu_decode = uses_gpu_decode(settings.data.decode, placement.device)
         dataset, unreadable = pretrain_dataset(settings.data, settings.model.img_size, model.num_units,
-                                               settings.train.seed)
+                                               settings.train.seed, run_dir=run_dir, world=placement.world,
+                                               resume=resumed is not None, jpeg_bytes=gpu_decode)
         if unreadable and placement.world.is_main:
             console.print(f"[yellow]leaving out {len(unreadable)} unreadable image(s)[/] (listed in manifest.json)")
         task = PretrainTask(settings, model, dataset, unreadable, run_dir, placement)
-        return training.train(task, resolved, run_dir, resumed, console, placement)
+        summary = training.train(task, resolved, run_dir, resumed, console, placement)
+        task.skips.report(console, placement.world.is_main)
+        return summary
 
 
 class PretrainTask(TrainingTask):
@@ -103,14 +115,37 @@ class PretrainTask(TrainingTask):
         self.settings, self.model, self.dataset = settings, model, dataset
         self.unreadable, self.run_dir, self.placement = unreadable, run_dir, placement
         self.loss_count = len(model.scales)
+        self.skips = SkipLog(run_dir, placement.world)
 
     def param_groups(self) -> list[dict[str, Any]]:
         return param_groups(self.model, self.settings.optim.weight_decay)
 
-    def forward(self, net: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int, micro_step: int):
+    def batch_transform(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A loaded batch on the device: a decode error raised here as one line, skipped files
+        listed, JPEGs left for the GPU decoded there (the GPU data path; `gpu_decode`)."""
+        if "error" in batch:
+            check = self.dataset.index.check
+            checked = ("was not checked before training (data.check = none)" if check == "none" else
+                       f"passed the check before training (data.check = {check})")
+            raise DataError(f"{batch['error']}. The file {checked}; pass --skip-unreadable to leave "
+                            f"out such files, or set data.check = full to find them all first")
+        self.skips.add(batch["skipped"])
         device = self.placement.device
         images = batch["image"].to(device, non_blocking=True)
-        out = net(images, noise=batch["noise"].to(device, non_blocking=True))
+        images = place_views(batch, images, self.dataset.img_size, self._cpu_view)
+        return {"image": images, "noise": batch["noise"].to(device, non_blocking=True)}
+
+    def _cpu_view(self, epoch: int, index: int) -> torch.Tensor:
+        """One sample by the CPU path, for a batch the GPU decoder refused."""
+        cpu = copy.copy(self.dataset)
+        cpu.jpeg_bytes = False
+        sample = cpu[(epoch, index)]
+        self.skips.add(sample["skipped"])
+        return sample["image"]
+
+    def forward(self, net: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int, micro_step: int):
+        images = batch["image"]
+        out = net(images, noise=batch["noise"])
         return out.loss, out.losses, images.shape[0]
 
     def loss_fields(self, losses: list[float]) -> dict[str, float]:
@@ -123,9 +158,11 @@ class PretrainTask(TrainingTask):
         return str(self.settings.data.path) if self.settings.data.path else "built-in sample photos"
 
     def data_record(self) -> dict[str, Any]:
-        paths = self.dataset.paths
-        return {"source": self._source(), "images": len(paths), "fingerprint": fingerprint(paths),
-                "unreadable": [f"{p}: {why}" for p, why in self.unreadable]}
+        index = self.dataset.index
+        return {"source": self._source(), "kind": index.kind, "images": len(self.dataset.paths),
+                "fingerprint": index.fingerprint, "index": "data-index.json", "check": index.check,
+                "unreadable": [f"{p}: {why}" for p, why in self.unreadable],
+                "decode": "gpu" if self.dataset.jpeg_bytes else "cpu"}
 
     def describe(self) -> list[str]:
         return [f"data: {len(self.dataset.paths)} images ({self._source()})"]

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from localmim_cli.data.images import split_indices
+from localmim_cli.data.labelled import split_indices
 from localmim_cli.seeding import derive_seed
 from localmim_cli.config.schema import FewshotSettings, KnnSettings, LinearProbeSettings
 from localmim_cli.errors import DataError

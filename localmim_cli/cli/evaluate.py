@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from localmim_cli.cli.options import NO_VALUE
 from localmim_cli.cli.output import console
 
 
@@ -37,7 +38,8 @@ def evaluate(
     precision: Annotated[Optional[str], typer.Option(help="precision: auto, bf16, fp16, fp32")] = None,
     workers: Annotated[Optional[int], typer.Option(help="loader processes")] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of the split, the sweep and the episodes")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute features; write no cache.")] = False,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", metavar=NO_VALUE, help="Recompute features; write no cache.")] = False,
     config: Annotated[Optional[Path], typer.Option(
         "--config", "-c", help="Settings file (.toml or .json) for the evaluation.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(

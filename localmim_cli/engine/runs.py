@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -9,6 +10,7 @@ import platform
 import shutil
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,25 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> None:
                               "--overwrite to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def removed_if_start_fails(out: Path, is_main: bool) -> Iterator[None]:
+    """Remove the run directory again when the run fails before its first step was logged and
+    the directory did not exist before: a failed start leaves no empty run behind. A run that
+    logged a step keeps everything it wrote, and a folder the user made is never removed."""
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if is_main and not existed and out.is_dir() and not _trained(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _trained(out: Path) -> bool:
+    metrics = out / "metrics.jsonl"
+    return (out / "checkpoints").exists() or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
 def _version(dist: str) -> str | None:
@@ -106,14 +127,3 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
-
-def resumed_settings(out: Path | None, preset: str | None) -> tuple[str, dict[str, Any]]:
-    """The settings layer a --resume starts from: the run's own settings.json, in place of a preset."""
-    if out is None:
-        raise RunDirError("--resume needs --out RUN_DIR, the run to continue")
-    saved = out / "settings.json"
-    if not saved.is_file():
-        raise RunDirError(f"--resume: {saved} is missing; is {out} a localmim run directory?")
-    if preset:
-        raise RunDirError("--resume continues with the run's own settings; drop --preset")
-    return f"run:{saved}", json.loads(saved.read_text())

@@ -362,11 +362,20 @@ def preflight(settings: "FinetuneSettings", resume: bool):
 
 
 def check(settings: "FinetuneSettings") -> str:
-    """What `--dry-run` checks: data, checkpoint and model; a summary."""
+    """What `--dry-run` checks, which is what a real start checks before it trains: data,
+    checkpoint, device, model and a step plan (one full optimizer step per epoch at least)."""
+    from localmim_cli.engine import distributed
+    from localmim_cli.engine.plan import plan_steps
+
     split, weights, shape = preflight(settings, resume=False)
+    world = distributed.from_environment()
+    device = distributed.choose_device(settings.train.device, world)
     model = build_classifier(shape, len(split.classes), settings, weights)
+    plan = plan_steps(len(split.train) * settings.data.repeats, settings, world.size)
     n_params = sum(p.numel() for p in model.parameters())
-    return f"{split.describe()}\nmodel: {shape.describe()}, {n_params / 1e6:.2f} M parameters"
+    return (f"{split.describe()}\nmodel: {shape.describe()}, {n_params / 1e6:.2f} M parameters\n"
+            f"{plan.steps_per_epoch} steps/epoch x {plan.epochs} epochs on {device} ({world.size} process(es)); "
+            f"{plan.scaling}")
 
 
 def finetune(resolved: "Resolved", run_dir: Path | str, *, resume: bool = False, overwrite: bool = False,
@@ -380,7 +389,9 @@ def finetune(resolved: "Resolved", run_dir: Path | str, *, resume: bool = False,
     console = console or Console(soft_wrap=True)
     run_dir = Path(run_dir)
     _, weights, _ = preflight(resolved.settings, resume)
-    if distributed.from_environment().is_main:
-        runs.prepare(run_dir, resume, overwrite)
-        console.print(f"run directory: {run_dir}")
-    return run(resolved, run_dir, resume, console, weights)
+    is_main = distributed.from_environment().is_main
+    with runs.removed_if_start_fails(run_dir, is_main):
+        if is_main:
+            runs.prepare(run_dir, resume, overwrite)
+            console.print(f"run directory: {run_dir}")
+        return run(resolved, run_dir, resume, console, weights)

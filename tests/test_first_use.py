@@ -82,3 +82,16 @@ def test_bool_settings_are_flags(tmp_path):
     assert "<bool>" not in next(l for l in help_text.splitlines() if "--dry-run" in l)
     r = run_cli("pretrain", "--skip-unreadable", "true", "--dry-run")
     assert_user_error(r, "--no-skip-unreadable", "flags take no value")
+
+
+def test_config_show_names_the_size_actually_built():
+    """The demo ViT is 96 wide: `arch` must not say vit_base (nor vit_anything)."""
+    from localmim_cli.config.resolve import resolve_settings
+    from localmim_cli.config.schema import PretrainSettings
+
+    rows = {path: value for path, value, _ in
+            resolve_settings(PretrainSettings, "demo", environ={}).as_rows(plugin_defaults=True)}
+    assert rows["model.encoder.options.embed_dim"] == 96 and rows["model.encoder.options.arch"] is None
+    rows = {path: value for path, value, _ in
+            resolve_settings(PretrainSettings, environ={}).as_rows(plugin_defaults=True)}
+    assert rows["model.encoder.options.arch"] == "vit_base"

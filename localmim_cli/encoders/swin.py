@@ -77,6 +77,7 @@ class SwinOptions(BaseModel):
         for k, heads in enumerate(self.num_heads):
             if self.stage_dim(k) % heads:
                 raise ValueError(f"stage {k + 1} width {self.stage_dim(k)} is not divisible by its {heads} heads")
+        self.arch = self.size_name()  # the size actually built (None: a size of its own), as for vit
         return self
 
     def stage_dim(self, k: int) -> int:
@@ -84,8 +85,7 @@ class SwinOptions(BaseModel):
         return self.embed_dim * 2**k
 
     def size_name(self) -> str | None:
-        """The published size (swin_tiny ... swin_large) these widths, depths and heads are, if
-        any: `arch` only fills what is not given, so it does not say."""
+        """The published size (swin_tiny ... swin_large) these widths, depths and heads are, if any."""
         sizes = (self.embed_dim, tuple(self.depths), tuple(self.num_heads))
         return next((name for name, size in SWIN_ARCHS.items() if size == sizes), None)
 

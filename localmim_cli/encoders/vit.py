@@ -39,7 +39,8 @@ def vit_arch_of(embed_dim: int, depth: int, num_heads: int) -> str | None:
 
 
 class ViTOptions(BaseModel):
-    """Options of the built-in `vit` encoder. `arch` fills width, depth and heads unless given."""
+    """Options of the built-in `vit` encoder. `arch` fills width, depth and heads unless given;
+    after validation it names the size the options describe, or is None for another size."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -66,6 +67,9 @@ class ViTOptions(BaseModel):
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.embed_dim % 4:
             raise ValueError(f"embed_dim {self.embed_dim} must be divisible by 4 (2-D sin-cos positions)")
+        # `arch` only fills what is not given; once filled it names the size actually built (None:
+        # a size of its own), so `config show` never calls a 96-wide ViT "vit_base".
+        self.arch = vit_arch_of(self.embed_dim, self.depth, self.num_heads)
         return self
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from localmim_cli.engine import atomic
 from localmim_cli.errors import CheckpointError
@@ -64,7 +64,7 @@ def save(folder: Path, name: str, model_state: dict[str, torch.Tensor], meta: di
     tmp = folder / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_contiguous_cpu(model_state), str(tmp / "model.safetensors"))
+    atomic.write_tensors(tmp / "model.safetensors", _contiguous_cpu(model_state))
     if training_state is not None:
         torch.save(training_state, tmp / "training.pt")
     (tmp / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, **meta}, indent=1))

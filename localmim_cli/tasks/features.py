@@ -236,12 +236,10 @@ class FeatureCache:
     def put(self, key: str, features: torch.Tensor, labels: torch.Tensor, info: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        from safetensors.torch import save_file
-
         from localmim_cli.engine import atomic
-        atomic.write_with(self.folder / f"features-{key}.safetensors",
-                          lambda p: save_file({"features": features.contiguous(), "labels": labels.contiguous()},
-                                              str(p), metadata={"info": json.dumps(info)}))
+        atomic.write_tensors(self.folder / f"features-{key}.safetensors",
+                             {"features": features.contiguous(), "labels": labels.contiguous()},
+                             metadata={"info": json.dumps(info)})
 
 
 def features_for(model_factory: Callable[[], torch.nn.Module], identity: dict[str, Any],

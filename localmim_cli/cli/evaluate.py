@@ -25,8 +25,8 @@ def evaluate(
     val_fraction: Annotated[Optional[float], typer.Option(
         help="Share of each class of DATA held out as validation for the probes (val_fraction).")] = None,
     out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Results JSON. Default: <run dir>/eval/<protocol>.json, or "
-                            "./eval/<protocol>.json for a checkpoint outside a run.")] = None,
+        "--out", "-o", help="Results JSON. Default: a new file per evaluation, <run dir>/evaluations/"
+                            "<UTC time>-<protocol>.json (./evaluations/... for a checkpoint outside a run).")] = None,
     k: Annotated[Optional[int], typer.Option("--k", help="knn.k, neighbours that vote")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="knn.temperature")] = None,
     way: Annotated[Optional[int], typer.Option(help="fewshot.way, classes per episode")] = None,

@@ -81,7 +81,7 @@ def finetune(
     summary = task.finetune(resolved, run_dir, resume=resume, overwrite=overwrite, console=console)
     if summary and not summary.get("already_finished"):
         val = summary.get("val") or {}
-        score = (f"; val top-1 {val['val_top1']:.2f}% (best {summary['best']['val_top1']:.2f}%)"
-                 if val else "")
+        score = (f"; val top-1 {val['val_top1']:.2f}% (best {summary['best']['val_top1']:.2f}% at epoch "
+                 f"{summary['best']['epoch']}, kept in {Path(run_dir) / 'checkpoints' / 'best'})" if val else "")
         console.print(f"[green]done[/]: {summary['steps']} steps, final loss "
                       f"{summary.get('loss', float('nan')):.4f}{score}; checkpoints in {Path(run_dir) / 'checkpoints'}")

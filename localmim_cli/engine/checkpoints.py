@@ -7,6 +7,8 @@ Layout inside a run directory:
                              /training.pt         optimizer and grad-scaler state
                              /meta.json           position (epoch, step), settings, versions
     checkpoints/latest.json                       {"name": "step-00000120"}
+    checkpoints/best/                             fine-tuning: the weights of the best validation
+                                                  top-1 so far (no training.pt; never pruned)
 
 A checkpoint is written into a hidden temporary folder and renamed into place; `latest.json` is
 replaced only after that, so a crash at any moment leaves the previous checkpoint loadable.
@@ -57,8 +59,10 @@ def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save(folder: Path, name: str, model_state: dict[str, torch.Tensor], meta: dict[str, Any],
-         training_state: dict[str, Any] | None = None, keep_last: int | None = None) -> Path:
-    """Write checkpoint `name` under `folder` atomically, point latest.json at it, prune old ones."""
+         training_state: dict[str, Any] | None = None, keep_last: int | None = None,
+         latest: bool = True) -> Path:
+    """Write checkpoint `name` under `folder` atomically, point latest.json at it (unless
+    `latest` is False: a side copy such as best/), prune old ones."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / name
     tmp = folder / f".tmp-{name}-{os.getpid()}"
@@ -74,7 +78,8 @@ def save(folder: Path, name: str, model_state: dict[str, torch.Tensor], meta: di
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    atomic.write_json(folder / LATEST, {"name": name})
+    if latest:
+        atomic.write_json(folder / LATEST, {"name": name})
     if keep_last:
         prune(folder, keep_last)
     return final

@@ -108,6 +108,16 @@ def write_manifest(run_dir: Path, info: dict[str, Any]) -> None:
     atomic.write_json(run_dir / "manifest.json", info)
 
 
+def update_manifest(run_dir: Path, **entries: Any) -> None:
+    """Set top-level entries of manifest.json (written at the start) during the run."""
+    path = run_dir / "manifest.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        info = {}
+    atomic.write_json(path, {**info, **entries})
+
+
 class MetricsLog:
     """Appends one JSON object per logged step to metrics.jsonl; lines survive a crash."""
 

@@ -8,8 +8,9 @@ Protocols:
     fewshot      N-way K-shot episodes over repeated seeds; mean accuracy and its 95% interval
 
 Probes split DATA into train and validation (`--val-fraction`, seeded and stratified), or take
-validation from `--val DIR`. Results go to JSON (default `<run dir>/eval/<protocol>.json`, or
-`./eval/<protocol>.json` for a checkpoint outside a run) and to a table on the terminal.
+validation from `--val DIR`. Results go to a table on the terminal and to JSON: one new file per
+evaluation, `<run dir>/evaluations/<UTC time>-<protocol>.json` (`./evaluations/...` for a checkpoint
+outside a run), so a rerun never overwrites an earlier result; or the file `--out` names.
 """
 
 from __future__ import annotations
@@ -42,9 +43,15 @@ def choose_protocol(requested: str, weights: "EncoderWeights") -> str:
     return requested
 
 
-def default_output(weights: "EncoderWeights", protocol: str) -> Path:
-    base = weights.run_dir if weights.run_dir is not None else Path.cwd()
-    return base / "eval" / f"{protocol}.json"
+def default_output(weights: "EncoderWeights", protocol: str, now: dt.datetime | None = None) -> Path:
+    """A file no earlier evaluation wrote: evaluations/<UTC time>-<protocol>[-N].json."""
+    base = (weights.run_dir if weights.run_dir is not None else Path.cwd()) / "evaluations"
+    stamp = (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    path, n = base / f"{stamp}-{protocol}.json", 1
+    while path.exists():
+        n += 1
+        path = base / f"{stamp}-{protocol}-{n}.json"
+    return path
 
 
 def classifier_split(weights: "EncoderWeights", data: Path, settings: "EvaluateSettings"):

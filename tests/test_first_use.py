@@ -95,3 +95,20 @@ def test_config_show_names_the_size_actually_built():
     rows = {path: value for path, value, _ in
             resolve_settings(PretrainSettings, environ={}).as_rows(plugin_defaults=True)}
     assert rows["model.encoder.options.arch"] == "vit_base"
+
+
+def test_config_show_and_plugins_list_import_no_torch():
+    """Both answer in a fraction of a second: settings validate with the built-in plugins' options
+    modules and plugins are listed from package metadata, neither of which loads torch."""
+    import sys
+
+    code = ("import sys\n"
+            "from typer.testing import CliRunner\n"
+            "from localmim_cli.cli.app import app\n"
+            "for args in (['config', 'show', '--preset', 'demo'], ['config', 'show', '--preset', 'swin-demo'],\n"
+            "             ['plugins', 'list']):\n"
+            "    result = CliRunner().invoke(app, args, catch_exceptions=False)\n"
+            "    assert result.exit_code == 0, result.output\n"
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision', 'numpy') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

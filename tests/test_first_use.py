@@ -112,3 +112,21 @@ def test_config_show_and_plugins_list_import_no_torch():
             "print(sorted(m for m in ('torch', 'timm', 'torchvision', 'numpy') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_feature_extraction_shows_progress_on_a_terminal():
+    import io
+
+    import torch
+    from rich.console import Console
+
+    from localmim_cli.data.sample_photos import sample_photo_paths
+    from localmim_cli.tasks.features import extract
+
+    screen = io.StringIO()
+    samples = [(path, k) for k, path in enumerate(sample_photo_paths())]
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    features, labels = extract(model, samples, 32, 0.875, 3, 0, torch.device("cpu"),
+                               console=Console(file=screen, force_terminal=True, width=100), label="features (val)")
+    assert features.shape == (7, 3) and labels.tolist() == list(range(7))
+    assert "features (val)" in screen.getvalue() and "7/7" in screen.getvalue()

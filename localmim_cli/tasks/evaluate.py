@@ -115,7 +115,7 @@ def run_evaluation(checkpoint: Path, data: Path, settings: "EvaluateSettings", c
         classes = list(weights.classes or [])
         model = classifier_model(weights, img_size)
         logits, labels = extract(model, samples, img_size, settings.crop_fraction, settings.batch_size,
-                                 settings.workers, device, precision)
+                                 settings.workers, device, precision, console, label="classifying")
         results.update(topk_accuracy(logits, labels), evaluated_on=what, images=len(samples), classes=classes)
         results["per_class"] = per_class_report(logits.argmax(1), labels, classes)
     else:
@@ -132,9 +132,11 @@ def run_evaluation(checkpoint: Path, data: Path, settings: "EvaluateSettings", c
         factory = lambda: reference_feature_model(weights, img_size)  # noqa: E731
         identity = weights.identity()
         train_f, train_y = features_for(factory, identity, split.train, split.classes, img_size,
-                                        settings.crop_fraction, cache, **common)
+                                        settings.crop_fraction, cache, **common, console=console,
+                                        label="features (train)")
         val_f, val_y = features_for(factory, identity, split.val, split.classes, img_size,
-                                    settings.crop_fraction, cache, **common)
+                                    settings.crop_fraction, cache, **common, console=console,
+                                    label="features (val)")
         results["data"] = split_record(split)
         results["features"] = {"dim": int(train_f.shape[1]), "cache": str(cache.folder) if settings.cache else None,
                                "cache_hits": cache.hits}

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 from rich.console import Console
 
 from localmim_cli.config.layers import Resolved
-from localmim_cli.config.resolve import resolve_settings
+from localmim_cli.config.resolve import resolve_resumed, resolve_settings
 from localmim_cli.config.schema import EvaluateSettings, FinetuneSettings, PretrainSettings
 from localmim_cli.engine import runs
 
@@ -41,9 +41,11 @@ def _overrides(settings: Mapping[str, Any] | None, keywords: Mapping[str, Any]) 
 
 def _resolve(schema, preset: str | None, config: Path | str | None, overrides: dict[str, Any],
              out: Path | str | None, resume: bool) -> Resolved:
-    base = runs.resumed_settings(Path(out) if out is not None else None, preset) if resume else None
     names = {dotted: "python:" + dotted.replace(".", "__") for dotted in overrides}
-    return resolve_settings(schema, preset, config, flags=overrides, base=base, flag_names=names)
+    if resume:
+        return resolve_resumed(schema, Path(out) if out is not None else None, preset, config,
+                               flags=overrides, flag_names=names)
+    return resolve_settings(schema, preset, config, flags=overrides, flag_names=names)
 
 
 def pretrain(data: Path | str | None = None, *, preset: str | None = None, config: Path | str | None = None,

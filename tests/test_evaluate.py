@@ -131,7 +131,7 @@ def test_linear_and_fewshot_probes_share_cached_features(tmp_path_factory, tmp_p
     other = evaluate(pretrained, data, "--protocol", "knn", "--set", "crop_fraction=1.0",
                      "--out", tmp_path / "knn2.json")
     assert other["features"]["cache_hits"] == 0 and len(set(cache.glob("*.safetensors")) - files) == 2
-    assert (pretrained / "eval" / "knn.json").exists() is False     # --out was given each time
+    assert not (pretrained / "evaluations").exists()     # --out was given each time
 
 
 def test_results_default_to_eval_folder_outside_a_run(tmp_path_factory, tmp_path, monkeypatch):
@@ -140,7 +140,8 @@ def test_results_default_to_eval_folder_outside_a_run(tmp_path_factory, tmp_path
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LOCALMIM_HOME", str(tmp_path / "home"))
     invoke("evaluate", pth, data, "--protocol", "knn", "--workers", 0, "--device", "cpu")
-    result = json.loads((tmp_path / "eval" / "knn.json").read_text())
+    [written] = (tmp_path / "evaluations").glob("*-knn.json")
+    result = json.loads(written.read_text())
     assert result["checkpoint_kind"] == "published" and result["protocol"] == "knn"
     assert len(list((tmp_path / "home" / "cache" / "features").glob("features-*.safetensors"))) == 2
 

@@ -113,7 +113,8 @@ def test_finetune_run_exports_with_and_without_head(tmp_path_factory, tmp_path):
     assert encoder.num_classes == 0
     torch.testing.assert_close(timm_features(encoder, x), timm_features(ours, x), atol=1e-5, rtol=0)
 
-    invoke("export", run, "--out", tmp_path / "classifier", "--with-head")
+    # The best validation checkpoint exports like any other (after one epoch, it is the last one).
+    invoke("export", run / "checkpoints" / "best", "--out", tmp_path / "classifier", "--with-head")
     config = json.loads((tmp_path / "classifier" / "config.json").read_text())
     assert config["num_classes"] == 7 and config["label_names"] == CLASSES
     classifier = timm.create_model(f"local-dir:{tmp_path / 'classifier'}", pretrained=True).eval()

@@ -52,21 +52,33 @@ def test_finetune_cli_learns_the_photo_classes(tmp_path_factory, tmp_path):
     assert state["head.weight"].shape == (len(CLASSES), 48) and "fc_norm.weight" in state
     assert not any(k.startswith(("decoders", "encoder.", "norm.")) for k in state)
     assert len(val_lines(run)) == 6
+    # The best validation top-1 is kept beside the last checkpoints, recorded, and usable.
+    best_line = max(val_lines(run), key=lambda v: v["val_top1"])
+    best = checkpoints.load(run / "checkpoints" / "best")
+    assert best.meta["best"]["val_top1"] == best_line["val_top1"] == best.meta["val"]["val_top1"]
+    assert best.meta["position"]["step"] == best_line["step"] and best_line["best"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["best"]["checkpoint"] == "checkpoints/best" and manifest["best"]["step"] == best_line["step"]
+    assert len(list((run / "checkpoints").glob("step-*"))) == 2
     settings = json.loads((run / "settings.json").read_text())
     assert settings["optim"]["layer_decay"] == 0.75 and settings["mixup"]["prob"] == 0.5  # from ft-small
 
     # Held-out crops the run never saw: well above the 1-in-7 chance.
     results, path = run_evaluation(run, heldout, EvaluateSettings(workers=0, device="cpu"), Console(quiet=True))
-    assert path == run / "eval" / "classifier.json" and path.is_file()
+    assert path.parent == run / "evaluations" and path.name.endswith("-classifier.json") and path.is_file()
     assert results["images"] == 70
     assert results["top1"] >= 40.0, results["top1"]
     assert results["top5"] >= results["top1"]
     assert {row["class"] for row in results["per_class"]} == set(CLASSES)
     assert sum(row["correct"] for row in results["per_class"]) == round(results["top1"] * 70 / 100)
 
+    best_results, _ = run_evaluation(run / "checkpoints" / "best", heldout, EvaluateSettings(workers=0, device="cpu"),
+                                     Console(quiet=True))
+    assert best_results["images"] == 70 and best_results["checkpoint_kind"] == "finetune"
+
     # DATA = the training folder: scored on the images the run held out, not on what it trained on.
-    again, _ = run_evaluation(run, train, EvaluateSettings(workers=0, device="cpu"), Console(quiet=True),
-                              out=tmp_path / "again.json")
+    again, again_path = run_evaluation(run, train, EvaluateSettings(workers=0, device="cpu"), Console(quiet=True))
+    assert again_path != path and path.is_file() and again_path.is_file()   # a new file, nothing overwritten
     assert "held out" in again["evaluated_on"]
     assert again["images"] == val_lines(run)[-1]["val_images"]
     assert again["top1"] == pytest.approx(val_lines(run)[-1]["val_top1"], abs=1e-3)

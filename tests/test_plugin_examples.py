@@ -93,7 +93,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_plugins_list_shows_the_examples_with_distribution_and_version():
-    result = run_cli("plugins", "list", env=cli_env(COLUMNS="1000"))
+    result = run_cli("plugins", "list", "--check", env=cli_env(COLUMNS="1000"))
     assert result.returncode == 0, result.stderr
     lines = {re.split(r"\s*│\s*", line.strip("│ "))[1]: line for line in result.stdout.splitlines()
              if line.startswith("│")}

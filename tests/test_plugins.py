@@ -116,7 +116,7 @@ def rows(stdout: str) -> dict[str, list[str]]:
 
 
 def test_plugins_list_names_every_broken_plugin_and_its_error(broken_site):
-    result = run_cli("plugins", "list", env=env_with(broken_site))
+    result = run_cli("plugins", "list", "--check", env=env_with(broken_site))
     assert result.returncode == 0, result.stderr
     table = rows(result.stdout)
     for name, expected in EXPECTED_ERRORS.items():
@@ -175,7 +175,7 @@ def test_registry_records_each_error(broken_site, on_path):
     targets = {(r.name, r.distribution): r for r in registry.discover("targets")}
     assert encoders[("vit", "localmim")].ok
     assert encoders[("vit", "vit-squatter")].error.startswith("name 'vit' is already taken by localmim "
-                                                               "(localmim_cli.encoders.vit:plugin)")
+                                                               "(localmim_cli.encoders.builtin:vit)")
     assert "interface version 2" in encoders[("future", "future-backbone")].error
     assert not targets[("twin", "twin-a")].ok and not targets[("twin", "twin-b")].ok
     assert "twin-a (twin_a:plugin), twin-b (twin_b:plugin)" in targets[("twin", "twin-a")].error

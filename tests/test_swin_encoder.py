@@ -131,7 +131,7 @@ def test_timm_name_says_the_size_whatever_arch_filled():
                                          num_heads=[3, 6, 12, 24])) == "swin_tiny_patch4_window7_224"
     # `arch` defaults to swin_base, but other widths make another model: not called swin_base
     custom = SwinOptions(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8])
-    assert custom.arch == "swin_base" and custom.size_name() is None
+    assert custom.arch is None and custom.size_name() is None
     assert timm_architecture(custom) == "swin_tiny_patch4_window7_224"
     assert timm_architecture(SwinOptions(patch_size=2)) == "swin_tiny_patch4_window7_224"
 

@@ -14,6 +14,7 @@ from localmim_cli.version import __version__
 from localmim_cli.cli import config as config_cmd
 from localmim_cli.cli import benchmark, evaluate, export, finetune, plot, plugins, presets, pretrain, visualize
 from localmim_cli.cli import runs as runs_cmd
+from localmim_cli.cli.options import NO_VALUE
 from localmim_cli.cli.output import console, err_console
 from localmim_cli.errors import RunAborted, RunInterrupted, UserError
 
@@ -47,7 +48,8 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(version: Annotated[Optional[bool], typer.Option(
-        "--version", callback=_version_callback, is_eager=True, help="Print the version and exit.")] = None) -> None:
+        "--version", metavar=NO_VALUE,
+        callback=_version_callback, is_eager=True, help="Print the version and exit.")] = None) -> None:
     pass
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from localmim_cli.cli.options import BatchOpt, ConfigOpt, DeviceOpt, PrecisionOpt, PresetOpt, SetOpt
+from localmim_cli.cli.options import NO_VALUE, BatchOpt, ConfigOpt, DeviceOpt, PrecisionOpt, PresetOpt, SetOpt
 from localmim_cli.cli.output import console, err_console
 from localmim_cli.errors import UsageError
 
@@ -29,7 +29,8 @@ def benchmark(
     batch_size: BatchOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else on "
+    as_json: Annotated[bool, typer.Option("--json", metavar=NO_VALUE,
+                                          help="Print one JSON object and nothing else on "
                                                          "stdout.")] = False,
 ) -> None:
     """Time the configured training step against the published eager path, in the same run.

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from localmim_cli.cli.options import ConfigOpt, PresetOpt, SetOpt
+from localmim_cli.cli.options import NO_VALUE, ConfigOpt, PresetOpt, SetOpt
 from localmim_cli.cli.output import console, print_settings
 
 app = typer.Typer(help="Show the settings a command would run with, and where each came from.",
@@ -20,7 +20,8 @@ def show(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     command: Annotated[str, typer.Option(help="Which command's settings: pretrain, finetune, evaluate")] = "pretrain",
-    resolved_only: Annotated[bool, typer.Option("--resolved", help="Print only the resolved values as JSON.")] = False,
+    resolved_only: Annotated[bool, typer.Option(
+        "--resolved", metavar=NO_VALUE, help="Print only the resolved values as JSON.")] = False,
 ) -> None:
     """Print every setting with its value and the layer that set it (default, preset, file, env, flag)."""
     from localmim_cli.config.resolve import resolve_settings

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from localmim_cli.cli.options import NO_VALUE
 from localmim_cli.cli.output import console
 
 
@@ -24,8 +25,8 @@ def evaluate(
     val_fraction: Annotated[Optional[float], typer.Option(
         help="Share of each class of DATA held out as validation for the probes (val_fraction).")] = None,
     out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Results JSON. Default: <run dir>/eval/<protocol>.json, or "
-                            "./eval/<protocol>.json for a checkpoint outside a run.")] = None,
+        "--out", "-o", help="Results JSON. Default: a new file per evaluation, <run dir>/evaluations/"
+                            "<UTC time>-<protocol>.json (./evaluations/... for a checkpoint outside a run).")] = None,
     k: Annotated[Optional[int], typer.Option("--k", help="knn.k, neighbours that vote")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="knn.temperature")] = None,
     way: Annotated[Optional[int], typer.Option(help="fewshot.way, classes per episode")] = None,
@@ -37,7 +38,8 @@ def evaluate(
     precision: Annotated[Optional[str], typer.Option(help="precision: auto, bf16, fp16, fp32")] = None,
     workers: Annotated[Optional[int], typer.Option(help="loader processes")] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of the split, the sweep and the episodes")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute features; write no cache.")] = False,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", metavar=NO_VALUE, help="Recompute features; write no cache.")] = False,
     config: Annotated[Optional[Path], typer.Option(
         "--config", "-c", help="Settings file (.toml or .json) for the evaluation.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(

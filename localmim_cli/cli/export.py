@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from localmim_cli.cli.options import NO_VALUE
 from localmim_cli.cli.output import console
 
 
@@ -16,9 +17,10 @@ def export(
              "ViT .pth/.safetensors.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write model.safetensors and "
                                                           "config.json into.", show_default=False)],
-    with_head: Annotated[bool, typer.Option("--with-head", help="Keep a fine-tuned model's classifier "
-                                                                "head (label names go into config.json).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    with_head: Annotated[bool, typer.Option(
+        "--with-head", metavar=NO_VALUE,
+        help="Keep a fine-tuned model's classifier head (label names go into config.json).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", metavar=NO_VALUE, help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Export the encoder for timm: model.safetensors + config.json, verified by reloading it.
 

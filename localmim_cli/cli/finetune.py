@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from localmim_cli.cli.options import (AccumOpt, BaseLrOpt, BatchOpt, ConfigOpt, DeviceOpt, EpochsOpt, OutOpt,
-                                      OverwriteOpt, PrecisionOpt, PresetOpt, ResumeOpt, SeedOpt, SetOpt,
-                                      WorkersOpt)
+from localmim_cli.cli.options import (NO_VALUE, AccumOpt, BaseLrOpt, BatchOpt, ConfigOpt, DeviceOpt,
+                                      EpochsOpt, OutOpt, OverwriteOpt, PrecisionOpt, PresetOpt, ResumeOpt,
+                                      SeedOpt, SetOpt, WorkersOpt)
 from localmim_cli.cli.output import console, print_settings
 from localmim_cli.errors import UsageError
 
@@ -45,8 +45,10 @@ def finetune(
     device: DeviceOpt = None,
     seed: SeedOpt = None,
     workers: WorkersOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve settings, check the data and the "
-                                                            "checkpoint, build the model, then stop.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", metavar=NO_VALUE, help="Check everything a real start checks (settings, data, checkpoint, "
+                                            "device, model, at least one optimizer step per epoch), then stop "
+                                            "without writing anything.")] = False,
 ) -> None:
     """Fine-tune a pretrained encoder as an image classifier (the published ViT protocol).
 
@@ -56,7 +58,7 @@ def finetune(
     manifest.json, metrics.jsonl (training and validation lines), checkpoints/ (kind "finetune").
     Under torchrun every process runs this same command; rank 0 alone writes.
     """
-    from localmim_cli.config.resolve import resolve_settings
+    from localmim_cli.config.resolve import resolve_resumed, resolve_settings
     from localmim_cli.config.schema import FinetuneSettings
     from localmim_cli.engine import runs
     from localmim_cli.tasks import finetune as task
@@ -67,8 +69,8 @@ def finetune(
              "optim.lr": lr, "optim.base_lr": base_lr, "optim.layer_decay": layer_decay,
              "model.drop_path": drop_path, "model.arch": arch, "model.img_size": img_size,
              "train.precision": precision, "train.device": device, "train.seed": seed, "data.workers": workers}
-    base = runs.resumed_settings(out, preset) if resume else None
-    resolved = resolve_settings(FinetuneSettings, preset, config, set_, flags, base)
+    resolved = (resolve_resumed(FinetuneSettings, out, preset, config, set_, flags) if resume
+                else resolve_settings(FinetuneSettings, preset, config, set_, flags))
     run_dir = out or runs.default_run_dir(preset or "finetune")
     if dry_run:
         if resume:
@@ -77,9 +79,9 @@ def finetune(
         console.print(task.check(resolved.settings) + f"; would write to {run_dir}")
         return
     summary = task.finetune(resolved, run_dir, resume=resume, overwrite=overwrite, console=console)
-    if summary:
+    if summary and not summary.get("already_finished"):
         val = summary.get("val") or {}
-        score = (f"; val top-1 {val['val_top1']:.2f}% (best {summary['best']['val_top1']:.2f}%)"
-                 if val else "")
+        score = (f"; val top-1 {val['val_top1']:.2f}% (best {summary['best']['val_top1']:.2f}% at epoch "
+                 f"{summary['best']['epoch']}, kept in {Path(run_dir) / 'checkpoints' / 'best'})" if val else "")
         console.print(f"[green]done[/]: {summary['steps']} steps, final loss "
                       f"{summary.get('loss', float('nan')):.4f}{score}; checkpoints in {Path(run_dir) / 'checkpoints'}")

@@ -7,6 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+# The metavar of a flag that takes no value: --help shows nothing after it (not "<bool>").
+NO_VALUE = ""
+
 PresetOpt = Annotated[Optional[str], typer.Option(
     "--preset", "-p", help="Named recipe (see `localmim presets list`) or a preset .toml file.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option(
@@ -17,8 +20,8 @@ OutOpt = Annotated[Optional[Path], typer.Option(
     "--out", "-o", help="Run directory. Default: a new folder under $LOCALMIM_HOME/runs "
                         "(or the platform's user data folder).")]
 ResumeOpt = Annotated[bool, typer.Option(
-    "--resume", help="Continue the run in --out exactly where its last checkpoint left it.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")]
+    "--resume", metavar=NO_VALUE, help="Continue the run in --out exactly where its last checkpoint left it.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", metavar=NO_VALUE, help="Replace a non-empty --out.")]
 EpochsOpt = Annotated[Optional[int], typer.Option(help="train.epochs")]
 BatchOpt = Annotated[Optional[int], typer.Option(help="train.batch_size, per device")]
 AccumOpt = Annotated[Optional[int], typer.Option(help="train.accum_steps")]

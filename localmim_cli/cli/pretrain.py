@@ -7,10 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from localmim_cli.cli.options import (AccumOpt, BaseLrOpt, BatchOpt, ConfigOpt, DeviceOpt, EpochsOpt, OutOpt,
-                                      OverwriteOpt, PrecisionOpt, PresetOpt, ResumeOpt, SeedOpt, SetOpt,
-                                      WorkersOpt)
+from localmim_cli.cli.options import (NO_VALUE, AccumOpt, BaseLrOpt, BatchOpt, ConfigOpt, DeviceOpt,
+                                      EpochsOpt, OutOpt, OverwriteOpt, PrecisionOpt, PresetOpt, ResumeOpt,
+                                      SeedOpt, SetOpt, WorkersOpt)
 from localmim_cli.cli.output import console, print_settings
+from localmim_cli.errors import UsageError
 
 
 def pretrain(
@@ -36,10 +37,13 @@ def pretrain(
     encoder: Annotated[Optional[str], typer.Option(help="model.encoder.name (a plugin)")] = None,
     target: Annotated[Optional[str], typer.Option(help="model.target.name (a plugin)")] = None,
     skip_unreadable: Annotated[Optional[bool], typer.Option(
-        "--skip-unreadable", help="Leave out images that fail to decode (listed in manifest.json, and in skipped.jsonl "
-                                   "when found during training).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve settings, check the data and "
-                                                            "build the model, then stop.")] = False,
+        "--skip-unreadable/--no-skip-unreadable", metavar=NO_VALUE,
+        help="data.skip_unreadable: leave out images that fail to decode (listed in the manifest), "
+             "or stop on the first one.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", metavar=NO_VALUE, help="Check everything a real start checks (settings, device, "
+                                            "data, model, at least one optimizer step per epoch), "
+                                            "then stop without writing anything.")] = False,
 ) -> None:
     """Pretrain a LocalMIM model on a folder of images.
 
@@ -47,24 +51,27 @@ def pretrain(
     (which layer set each), manifest.json, metrics.jsonl, checkpoints/ (safetensors + JSON).
     Under torchrun every process runs this same command; rank 0 alone writes.
     """
-    from localmim_cli.config.resolve import resolve_settings
+    from localmim_cli.config.resolve import resolve_resumed, resolve_settings
     from localmim_cli.config.schema import PretrainSettings
     from localmim_cli.engine import runs
     from localmim_cli.tasks import pretrain as task
 
+    if data is not None and str(data).lower() in ("true", "false") and not data.exists():
+        raise UsageError(f"DATA {data}: no such folder; flags take no value here (--skip-unreadable or "
+                         "--no-skip-unreadable, not --skip-unreadable true)")
     flags = {"data.path": str(data) if data else None, "train.epochs": epochs,
              "train.batch_size": batch_size, "train.accum_steps": accum_steps, "optim.base_lr": base_lr,
              "train.precision": precision, "train.device": device, "train.seed": seed,
              "data.workers": workers, "model.encoder.name": encoder, "model.target.name": target,
              "data.skip_unreadable": skip_unreadable}
-    base = runs.resumed_settings(out, preset) if resume else None
-    resolved = resolve_settings(PretrainSettings, preset, config, set_, flags, base)
+    resolved = (resolve_resumed(PretrainSettings, out, preset, config, set_, flags) if resume
+                else resolve_settings(PretrainSettings, preset, config, set_, flags))
     run_dir = out or runs.default_run_dir(preset or "pretrain")
     if dry_run:
         print_settings(resolved)
         console.print(task.check(resolved.settings) + f"; would write to {run_dir}")
         return
     summary = task.pretrain(resolved, run_dir, resume=resume, overwrite=overwrite, console=console)
-    if summary:
+    if summary and not summary.get("already_finished"):
         console.print(f"[green]done[/]: {summary['steps']} steps, final loss {summary.get('loss', float('nan')):.4f}; "
                       f"checkpoints in {Path(run_dir) / 'checkpoints'}")

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from localmim_cli.cli.options import NO_VALUE
 from localmim_cli.cli.output import console
 
 app = typer.Typer(help="The runs on disk: status, steps, last loss, best accuracy.", no_args_is_help=True)
@@ -21,7 +22,8 @@ def _fmt(value, spec: str = "") -> str:
 @app.command("list")
 def list_(root: Annotated[Optional[Path], typer.Argument(
         help="Folder holding run directories. Default: $LOCALMIM_HOME/runs.", show_default=False)] = None,
-          as_json: Annotated[bool, typer.Option("--json", help="One JSON list instead of a table.")] = False) -> None:
+          as_json: Annotated[bool, typer.Option(
+              "--json", metavar=NO_VALUE, help="One JSON list instead of a table.")] = False) -> None:
     """List the run directories under a folder, newest first."""
     from localmim_cli.engine.runs import home
     from localmim_cli.tasks.runs_overview import list_runs

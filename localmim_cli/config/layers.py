@@ -3,7 +3,8 @@
 Layers, lowest first (a later layer wins, leaf by leaf):
 
     default                 the schema's own defaults
-    preset:<name>           a named recipe (presets/*.toml) or a resumed run's settings
+    run:<settings.json>     a resumed run's own settings (only with --resume)
+    preset:<name>           a named recipe (presets/*.toml)
     file:<path>             --config, a .toml or .json file nested like the schema
     env:<VAR>               LOCALMIM_<SECTION>__<FIELD>[__<SUB>...]; only names with "__" are settings
     flag:--<name>           a command-line option the user actually gave
@@ -250,17 +251,20 @@ def _drop_under(provenance: dict[Key, str], path: Key) -> None:
 
 
 def resolve(schema: type[BaseModel], *, preset: dict[str, Any] | None = None, preset_name: str | None = None,
-            config_file: Path | str | None = None, environ: Mapping[str, str] | None = None,
+            base: tuple[str, dict[str, Any]] | None = None, config_file: Path | str | None = None, environ: Mapping[str, str] | None = None,
             flags: Mapping[str, Any] | None = None, sets: list[str] | None = None,
             env_prefix: str = "LOCALMIM_", flag_names: Mapping[str, str] | None = None) -> Resolved:
     """Merge the layers over the schema's defaults, validate, and say where each value came from.
 
     environ: None reads os.environ. flags: dotted setting -> value, only the flags the user gave.
     flag_names: dotted setting -> how the flag is spelled, for labels (default: --<leaf>).
+    base: (label, values) of a layer below the preset: a resumed run's own settings.
     Raises SettingsError listing every problem.
     """
     layers: list[Layer] = []
     problems: list[str] = []
+    if base is not None:
+        layers.append(Layer(base[0], base[1]))
     if preset is not None:
         layers.append(Layer(f"preset:{preset_name or 'preset'}", preset))
     if config_file is not None:

@@ -3,6 +3,7 @@ the command line and the Python API share."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -11,6 +12,7 @@ from pydantic import BaseModel
 
 from localmim_cli.config.layers import Resolved, resolve
 from localmim_cli.config.presets import load_preset
+from localmim_cli.errors import RunDirError
 
 
 def resolve_settings(schema: type[BaseModel], preset: str | None = None, config: Path | str | None = None,
@@ -18,19 +20,49 @@ def resolve_settings(schema: type[BaseModel], preset: str | None = None, config:
                      base: tuple[str, dict] | None = None,
                      environ: Mapping[str, str] | None = None,
                      flag_names: Mapping[str, str] | None = None) -> Resolved:
-    """Layer defaults < preset (or a resumed run's own settings, `base`) < file < env < flags.
+    """Layer defaults < a resumed run's own settings (`base`) < preset < file < env < flags.
 
     flags: {"train.epochs": 5, ...}; None values are flags the user did not give and are dropped.
     flag_names: how each flag is spelled, for provenance labels (default: --<leaf>).
     """
     preset_dict, preset_name = None, None
-    if base is not None:
-        preset_name, preset_dict = base
-    elif preset:
+    if preset:
         info, preset_dict = load_preset(preset)
         preset_name = info.name
     given = {k: v for k, v in (flags or {}).items() if v is not None}
-    return resolve(schema, preset=preset_dict, preset_name=preset_name,
+    return resolve(schema, preset=preset_dict, preset_name=preset_name, base=base,
                    config_file=Path(config) if config is not None else None,
                    environ=os.environ if environ is None else environ, flags=given, sets=list(sets or []),
                    flag_names={"data.path": "DATA", **(flag_names or {})})
+
+
+def resolve_resumed(schema: type[BaseModel], out: Path | None, preset: str | None = None,
+                    config: Path | str | None = None, sets: list[str] | None = None,
+                    flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
+                    flag_names: Mapping[str, str] | None = None) -> Resolved:
+    """Settings for `--resume --out OUT`: the run's own settings.json is the base layer, and the
+    same command line that started the run may be given again.
+
+    The preset the run started from adds nothing (the run's values already hold it, with
+    whatever was set above it), so it is accepted and skipped; another preset is layered over
+    the run's settings like any other change. Whether what changed may change is the resume
+    check's business (`engine.training.checked_resume`), which names every field.
+    """
+    if out is None:
+        raise RunDirError("--resume needs --out RUN_DIR, the run to continue")
+    saved = Path(out) / "settings.json"
+    if not saved.is_file():
+        raise RunDirError(f"--resume: {saved} is missing; is {out} a localmim run directory?")
+    if preset and load_preset(preset)[0].name in run_presets(Path(out)):
+        preset = None
+    return resolve_settings(schema, preset, config, sets, flags, base=(f"run:{saved}", json.loads(saved.read_text())),
+                            environ=environ, flag_names=flag_names)
+
+
+def run_presets(run_dir: Path) -> set[str]:
+    """The presets a run's settings came from, as its settings.provenance.json records them."""
+    try:
+        layers = json.loads((run_dir / "settings.provenance.json").read_text())["layers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {label.removeprefix("preset:") for label in layers if label.startswith("preset:")}

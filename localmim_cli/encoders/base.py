@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-ENCODER_API_VERSION = 1
+from localmim_cli.plugins.api import ENCODER_API_VERSION  # noqa: F401  (plugins import it from here)
 
 
 @dataclass(frozen=True)

@@ -8,67 +8,17 @@ tap norms are ours (`tap_norms.K`), one LayerNorm per tap as in the published mo
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from localmim_cli.encoders.base import ENCODER_API_VERSION, MaskedEncoder, TapInfo, TapOutput
+from localmim_cli.encoders.vit_options import VIT_ARCHS, VIT_SUMMARY, ViTOptions, vit_arch_of  # noqa: F401  (re-exported)
 from localmim_cli.plugins.api import EncoderPlugin
 from localmim_cli.model.positions import sincos_2d
 from localmim_cli.model.init import xavier_linears_unit_norms
-
-# The ViT sizes (width, depth, heads), named as timm names them; the patch size is a separate
-# option. The one table of sizes: arch options, timm names of checkpoints and the heads of
-# published files (which do not hold them) all read it.
-VIT_ARCHS: dict[str, tuple[int, int, int]] = {
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-    "vit_huge": (1280, 32, 16),
-}
-
-
-def vit_arch_of(embed_dim: int, depth: int, num_heads: int) -> str | None:
-    """The VIT_ARCHS name of these sizes ("vit_base"), when they are one of them."""
-    return next((name for name, dims in VIT_ARCHS.items() if dims == (embed_dim, depth, num_heads)), None)
-
-
-class ViTOptions(BaseModel):
-    """Options of the built-in `vit` encoder. `arch` fills width, depth and heads unless given."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"] | None = "vit_base"
-    patch_size: int = Field(16, ge=1)
-    embed_dim: int | None = Field(None, ge=1)
-    depth: int | None = Field(None, ge=1)
-    num_heads: int | None = Field(None, ge=1)
-    mlp_ratio: float = Field(4.0, gt=0)
-    qkv_bias: bool = True
-    drop_path: float = Field(0.0, ge=0, lt=1)
-
-    @model_validator(mode="after")
-    def _fill_from_arch(self) -> "ViTOptions":
-        if self.arch is not None:
-            width, depth, heads = VIT_ARCHS[self.arch]
-            # Only what was left out comes from the arch: a given value is used as given.
-            self.embed_dim = width if self.embed_dim is None else self.embed_dim
-            self.depth = depth if self.depth is None else self.depth
-            self.num_heads = heads if self.num_heads is None else self.num_heads
-        missing = [n for n in ("embed_dim", "depth", "num_heads") if getattr(self, n) is None]
-        if missing:
-            raise ValueError(f"set arch or all of embed_dim, depth, num_heads (missing: {missing})")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.embed_dim % 4:
-            raise ValueError(f"embed_dim {self.embed_dim} must be divisible by 4 (2-D sin-cos positions)")
-        return self
-
 
 def default_vit_taps(depth: int) -> list[int]:
     """Published taps, 1-indexed: layers 2, 4, L-2 and L."""
@@ -156,5 +106,5 @@ plugin = EncoderPlugin(
     api_version=ENCODER_API_VERSION,
     options=ViTOptions,
     build=build_vit,
-    summary="Vision Transformer (timm blocks), published LocalMIM taps at layers 2, 4, L-2, L",
+    summary=VIT_SUMMARY,
 )

@@ -7,6 +7,8 @@ Layout inside a run directory:
                              /training.pt         optimizer and grad-scaler state
                              /meta.json           position (epoch, step), settings, versions
     checkpoints/latest.json                       {"name": "step-00000120"}
+    checkpoints/best/                             fine-tuning: the weights of the best validation
+                                                  top-1 so far (no training.pt; never pruned)
 
 A checkpoint is written into a hidden temporary folder and renamed into place; `latest.json` is
 replaced only after that, so a crash at any moment leaves the previous checkpoint loadable. A
@@ -24,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from localmim_cli.engine import atomic
 from localmim_cli.errors import CheckpointError
@@ -99,7 +100,7 @@ def write_failure(exc: BaseException) -> str | None:
 def _write(tmp: Path, model_state: dict[str, torch.Tensor], meta: dict[str, Any],
            training_state: dict[str, Any] | None) -> None:
     tmp.mkdir()
-    save_file(_contiguous_cpu(model_state), str(tmp / "model.safetensors"))
+    atomic.write_tensors(tmp / "model.safetensors", _contiguous_cpu(model_state))
     if training_state is not None:
         torch.save(training_state, tmp / "training.pt")
     (tmp / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, **meta}, indent=1))
@@ -109,8 +110,10 @@ def _write(tmp: Path, model_state: dict[str, torch.Tensor], meta: dict[str, Any]
 
 
 def save(folder: Path, name: str, model_state: dict[str, torch.Tensor], meta: dict[str, Any],
-         training_state: dict[str, Any] | None = None, keep_last: int | None = None) -> Path:
-    """Write checkpoint `name` under `folder` atomically, point latest.json at it, prune old ones.
+         training_state: dict[str, Any] | None = None, keep_last: int | None = None,
+         latest: bool = True) -> Path:
+    """Write checkpoint `name` under `folder` atomically, point latest.json at it (unless
+    `latest` is False: a side copy such as best/), prune old ones.
 
     A write that fails (a full disk, above all) leaves no partial folder behind to keep the disk
     full, and is a CheckpointError naming the checkpoint; the previous checkpoint stays intact.
@@ -125,7 +128,8 @@ def save(folder: Path, name: str, model_state: dict[str, torch.Tensor], meta: di
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        atomic.write_json(folder / LATEST, {"name": name})
+        if latest:
+            atomic.write_json(folder / LATEST, {"name": name})
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = write_failure(exc)

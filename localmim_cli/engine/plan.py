@@ -50,9 +50,11 @@ def plan_steps(n_images: int, settings: Any, world_size: int) -> StepPlan:
     micro_steps = n_images // (tr.batch_size * world_size)
     steps_per_epoch = micro_steps // tr.accum_steps
     if steps_per_epoch < 1:
-        raise DataError(f"{n_images} training images make no full optimizer step of {tr.batch_size} "
-                        f"per device x {world_size} process(es) x {tr.accum_steps} accumulation; lower "
-                        "train.batch_size or raise data.repeats")
+        need = tr.batch_size * world_size * tr.accum_steps
+        raise DataError(f"{n_images} training images per epoch make no full optimizer step, which takes "
+                        f"{need} ({tr.batch_size} per device x {world_size} process(es) x {tr.accum_steps} accumulation) "
+                        "because an incomplete last batch is dropped: lower train.batch_size (--batch-size) or "
+                        "train.accum_steps (--accum-steps), or raise data.repeats (--set data.repeats=N), or add images")
     lr = scaled_lr(settings, world_size)
     if opt.min_lr > lr:
         raise UsageError(f"optim.min_lr {opt.min_lr:g} is above the peak lr {lr:g} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -9,6 +10,7 @@ import platform
 import shutil
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,38 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> RunLock:
     return lock
 
 
+@contextlib.contextmanager
+def removed_if_start_fails(out: Path, is_main: bool) -> Iterator[None]:
+    """Remove the run directory again when the run fails before its first step was logged and
+    the directory did not exist before: a failed start leaves no empty run behind. A run that
+    logged a step keeps everything it wrote, and a folder the user made is never removed."""
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if is_main and not existed and out.is_dir() and not _trained(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def claimed(out: Path, resume: bool, overwrite: bool, is_main: bool, say: Any) -> Iterator[None]:
+    """The run directory, for as long as the run writes: prepared and locked by the main process
+    (the one process that writes; `prepare`), and removed again if the start fails
+    (`removed_if_start_fails`). The lock is released before a failed start's folder is removed."""
+    with removed_if_start_fails(out, is_main):
+        lock = prepare(out, resume, overwrite) if is_main else contextlib.nullcontext()
+        if is_main:
+            say(f"run directory: {out}")
+        with lock:
+            yield
+
+
+def _trained(out: Path) -> bool:
+    metrics = out / "metrics.jsonl"
+    return (out / "checkpoints").exists() or (metrics.is_file() and metrics.stat().st_size > 0)
+
+
 def _version(dist: str) -> str | None:
     try:
         return version(dist)
@@ -146,6 +180,16 @@ def write_manifest(run_dir: Path, info: dict[str, Any]) -> None:
     atomic.write_json(run_dir / "manifest.json", info)
 
 
+def update_manifest(run_dir: Path, **entries: Any) -> None:
+    """Set top-level entries of manifest.json (written at the start) during the run."""
+    path = run_dir / "manifest.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        info = {}
+    atomic.write_json(path, {**info, **entries})
+
+
 class MetricsLog:
     """Appends one JSON object per logged step to metrics.jsonl; lines survive a crash."""
 
@@ -180,14 +224,3 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
-
-def resumed_settings(out: Path | None, preset: str | None) -> tuple[str, dict[str, Any]]:
-    """The settings layer a --resume starts from: the run's own settings.json, in place of a preset."""
-    if out is None:
-        raise RunDirError("--resume needs --out RUN_DIR, the run to continue")
-    saved = out / "settings.json"
-    if not saved.is_file():
-        raise RunDirError(f"--resume: {saved} is missing; is {out} a localmim run directory?")
-    if preset:
-        raise RunDirError("--resume continues with the run's own settings; drop --preset")
-    return f"run:{saved}", json.loads(saved.read_text())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +24,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from localmim_cli.data.samplers import StepBatches, loader_kwargs
-from localmim_cli.engine import checkpoints, distributed, runs
+from localmim_cli.engine import checkpoints, distributed, resumes, runs
 from localmim_cli.engine.loop import Placement, RunOutput, Trainer, resolve_precision, run_loop
-from localmim_cli.engine.plan import plan_steps
+from localmim_cli.engine.plan import StepPlan, plan_steps
+from localmim_cli.engine.schedule import lr_at
 from localmim_cli.engine.progress import StepProgress
 from localmim_cli.engine.stopping import ignore_stop_signals
 from localmim_cli.engine.task import Position, TrainingTask
@@ -51,23 +52,11 @@ def process_group(train_settings: Any) -> Iterator[Placement]:
         distributed.shutdown(world)
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as {"a.b.c": value}; plugin `options` stay whole, as one value."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "options":
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], allowed: set[str]) -> None:
     """Refuse a resume that would change the recipe: only the `allowed` settings may differ."""
-    before, now = flatten(saved), flatten(current)
-    changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in allowed]
+    changed = {k: v for k, v in resumes.changed_settings(saved, current).items() if k not in allowed}
     if changed:
-        diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        diffs = "; ".join(f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in changed.items())
         raise RunDirError(f"--resume would change settings the run was started with ({diffs}); "
                           f"start a new run instead, or change only {', '.join(sorted(allowed))}")
 
@@ -105,6 +94,27 @@ def resumed_position(ckpt: checkpoints.Checkpoint) -> Position:
         raise CheckpointError(f"{ckpt.path / 'meta.json'}: no valid position to resume from ({exc})") from None
 
 
+def already_finished(run_dir: Path, pos: Position, plan: StepPlan, say: Callable[..., None]) -> dict[str, Any]:
+    """A resume of a run that has done all its steps: say so, with the real last loss; write nothing."""
+    last = resumes.last_metrics(run_dir)
+    loss = f"; last loss {last['loss']:.4f}" if "loss" in last else ""
+    say(f"already finished at epoch {pos.epoch} (step {pos.step} of {plan.total_steps}){loss}; nothing to do "
+        "(raise --epochs to train further)")
+    return {**last, "steps": pos.step, "run_dir": str(run_dir), "epochs": plan.epochs, "already_finished": True}
+
+
+def schedule_change(saved: dict[str, Any], plan: StepPlan, pos: Position) -> list[str]:
+    """Lines saying how a resume with other train.epochs moves the lr schedule, or none."""
+    before = saved["train"]["epochs"]
+    if before == plan.epochs:
+        return []
+    old = lr_at(pos.step, plan.steps_per_epoch, plan.lr, plan.min_lr, plan.warmup_epochs, before)
+    new = plan.lr_at(pos.step)
+    return [f"note: train.epochs {before} -> {plan.epochs}: the warmup + cosine schedule now spans "
+            f"{plan.epochs} epochs ({plan.total_steps} steps), so the lr from step {pos.step} on follows the "
+            f"new curve ({old:.3g} -> {new:.3g} at this step), not the one the run started with"]
+
+
 def run_loader(dataset: Dataset, sampler: StepBatches, workers: int, device: torch.device) -> DataLoader:
     """One loader for the whole run: its workers persist across epochs, so no epoch pays their
     start-up again. Between passes the sampler moves (`set_position`), and the epoch rides along
@@ -132,22 +142,33 @@ def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkp
     ckpt_dir = run_dir / "checkpoints"
     pos = Position()
     if resumed is not None:
-        task.restore(resumed)
-        optimizer_state_into(optimizer, scaler, resumed)
         pos = resumed_position(resumed)
+        task.restore(resumed)
+        if pos.step >= plan.total_steps:
+            return already_finished(run_dir, pos, plan, say)
+        optimizer_state_into(optimizer, scaler, resumed)
         if world.is_main:
             checkpoints.clear_partials(ckpt_dir)   # what a crash mid-save left: never read, only takes space
-        if world.is_main:
             for warning in metrics.truncate_after(pos.step):
                 console.print(f"[yellow]warning:[/] {warning}")
         say(f"resuming from {resumed.path.name}: epoch {pos.epoch}, step {pos.step}")
+        for line in schedule_change(resumed.meta["settings"], plan, pos):
+            say(line)
 
     if world.is_main:
-        resolved.write(run_dir)
-        task.write_files(run_dir)
-        runs.write_manifest(run_dir, runs.manifest(world, device, tr.seed, task.data_record(), {
+        fresh_manifest = runs.manifest(world, device, tr.seed, task.data_record(), {
             "precision": placement.precision, "effective_batch": plan.effective_batch, "lr": plan.lr,
-            "resumed": resumed is not None, **task.run_record()}))
+            **task.run_record()})
+        if resumed is None:
+            resolved.write(run_dir)
+            runs.write_manifest(run_dir, fresh_manifest)
+        else:
+            record = resumes.resume_record(
+                resumes.changed_settings(resumed.meta["settings"], settings.model_dump(mode="json")),
+                resolved.provenance, dataclasses.asdict(pos), device=str(device), world_size=world.size,
+                precision=placement.precision)
+            resumes.append_resume(run_dir, resolved.to_json(), record, fresh_manifest, resolved.provenance_dict())
+        task.write_files(run_dir)
     for line in task.describe():
         say(line)
     say(f"{plan.steps_per_epoch} steps/epoch x {plan.epochs} epochs on {device} "

@@ -16,8 +16,11 @@ from typing import Callable
 
 from pydantic import BaseModel
 
-from localmim_cli.encoders.base import ENCODER_API_VERSION
-from localmim_cli.targets.base import TARGET_API_VERSION
+# The interface versions this localmim speaks (encoders.base and targets.base re-export them).
+# Here, not there, so that reading the plugin API (listing plugins, validating their options)
+# imports no torch.
+ENCODER_API_VERSION = 1
+TARGET_API_VERSION = 1
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-TARGET_API_VERSION = 1
+from localmim_cli.plugins.api import TARGET_API_VERSION  # noqa: F401  (plugins import it from here)
 
 
 class ReconstructionTarget(nn.Module):

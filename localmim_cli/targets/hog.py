@@ -17,19 +17,10 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
 from localmim_cli.plugins.api import TargetPlugin
+from localmim_cli.targets.hog_options import HOG_SUMMARY, HOGOptions  # noqa: F401  (re-exported)
 from localmim_cli.targets.base import TARGET_API_VERSION, ReconstructionTarget, zoom_for
-
-
-class HOGOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    nbins: int = Field(9, ge=2, description="orientation bins over 180 degrees (published: 9 ViT-B, 18 ViT-L)")
-    bias: bool = Field(False, description="frozen random Sobel bias per scale (published ViT-L / Swin)")
-    soft: bool = Field(False, description="split magnitude linearly between the two nearest bins "
-                                          "(not in the published code; robust to rounding)")
 
 
 def sobel_kernels() -> torch.Tensor:
@@ -154,5 +145,5 @@ plugin = TargetPlugin(
     api_version=TARGET_API_VERSION,
     options=HOGOptions,
     build=HOGTarget,
-    summary="per-channel histograms of oriented gradients per cell (published LocalMIM ViT target)",
+    summary=HOG_SUMMARY,
 )

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from localmim_cli.plugins.api import TargetPlugin
+from localmim_cli.targets.pixel_options import PIXEL_SUMMARY, PixelOptions  # noqa: F401  (re-exported)
 from localmim_cli.targets.base import TARGET_API_VERSION, ReconstructionTarget
 
 PIXEL_NORM_EPS = 1e-6
-
-
-class PixelOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    normalize: bool = Field(True, description="per cell: subtract the mean, divide by sqrt(var + 1e-6)")
 
 
 def cells_of(images: torch.Tensor, cell: int) -> torch.Tensor:
@@ -94,5 +88,5 @@ plugin = TargetPlugin(
     api_version=TARGET_API_VERSION,
     options=PixelOptions,
     build=PixelTarget,
-    summary="per-cell normalized RGB pixels (MAE norm_pix; published Swin target)",
+    summary=PIXEL_SUMMARY,
 )

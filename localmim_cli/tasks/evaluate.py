@@ -8,8 +8,9 @@ Protocols:
     fewshot      N-way K-shot episodes over repeated seeds; mean accuracy and its 95% interval
 
 Probes split DATA into train and validation (`--val-fraction`, seeded and stratified), or take
-validation from `--val DIR`. Results go to JSON (default `<run dir>/eval/<protocol>.json`, or
-`./eval/<protocol>.json` for a checkpoint outside a run) and to a table on the terminal.
+validation from `--val DIR`. Results go to a table on the terminal and to JSON: one new file per
+evaluation, `<run dir>/evaluations/<UTC time>-<protocol>.json` (`./evaluations/...` for a checkpoint
+outside a run), so a rerun never overwrites an earlier result; or the file `--out` names.
 """
 
 from __future__ import annotations
@@ -42,9 +43,15 @@ def choose_protocol(requested: str, weights: "EncoderWeights") -> str:
     return requested
 
 
-def default_output(weights: "EncoderWeights", protocol: str) -> Path:
-    base = weights.run_dir if weights.run_dir is not None else Path.cwd()
-    return base / "eval" / f"{protocol}.json"
+def default_output(weights: "EncoderWeights", protocol: str, now: dt.datetime | None = None) -> Path:
+    """A file no earlier evaluation wrote: evaluations/<UTC time>-<protocol>[-N].json."""
+    base = (weights.run_dir if weights.run_dir is not None else Path.cwd()) / "evaluations"
+    stamp = (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    path, n = base / f"{stamp}-{protocol}.json", 1
+    while path.exists():
+        n += 1
+        path = base / f"{stamp}-{protocol}-{n}.json"
+    return path
 
 
 def classifier_split(weights: "EncoderWeights", data: Path, settings: "EvaluateSettings"):
@@ -108,7 +115,7 @@ def run_evaluation(checkpoint: Path, data: Path, settings: "EvaluateSettings", c
         classes = list(weights.classes or [])
         model = classifier_model(weights, img_size)
         logits, labels = extract(model, samples, img_size, settings.crop_fraction, settings.batch_size,
-                                 settings.workers, device, precision)
+                                 settings.workers, device, precision, console, label="classifying")
         results.update(topk_accuracy(logits, labels), evaluated_on=what, images=len(samples), classes=classes)
         results["per_class"] = per_class_report(logits.argmax(1), labels, classes)
     else:
@@ -125,9 +132,11 @@ def run_evaluation(checkpoint: Path, data: Path, settings: "EvaluateSettings", c
         factory = lambda: reference_feature_model(weights, img_size)  # noqa: E731
         identity = weights.identity()
         train_f, train_y = features_for(factory, identity, split.train, split.classes, img_size,
-                                        settings.crop_fraction, cache, **common)
+                                        settings.crop_fraction, cache, **common, console=console,
+                                        label="features (train)")
         val_f, val_y = features_for(factory, identity, split.val, split.classes, img_size,
-                                    settings.crop_fraction, cache, **common)
+                                    settings.crop_fraction, cache, **common, console=console,
+                                    label="features (val)")
         results["data"] = split_record(split)
         results["features"] = {"dim": int(train_f.shape[1]), "cache": str(cache.folder) if settings.cache else None,
                                "cache_hits": cache.hits}

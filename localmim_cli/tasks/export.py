@@ -108,8 +108,6 @@ def export_encoder(checkpoint: Path, out: Path, *, with_head: bool = False, over
                    probe_batch: int = 4, seed: int = 0) -> dict[str, Any]:
     """Write the export, verified; returns a report (arch, model_args, diffs, the files)."""
     import torch
-    from safetensors.torch import save_file
-
     from localmim_cli.engine import atomic
     from localmim_cli.weights import via_timm
     from localmim_cli.weights.sources import load_encoder_weights, reference_feature_model, require_vit
@@ -142,8 +140,9 @@ def export_encoder(checkpoint: Path, out: Path, *, with_head: bool = False, over
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic.write_tensors(tmp / "model.safetensors",
+                             {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
+                             metadata={"format": "pt"})
         atomic.write_json(tmp / "config.json", config)
         diffs = reload_checks(tmp, arch, model_args, probe, reference, reference_logits)
         worst = max(diffs.values())

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from rich.console import Console
 from torch.utils.data import DataLoader, Dataset
 
 from localmim_cli.data.images import center_crop_transform, load_rgb
@@ -178,9 +179,11 @@ class EvalSamples(Dataset):
 @torch.no_grad()
 def extract(model: torch.nn.Module, samples: Sequence[Sample], img_size: int, crop_fraction: float,
             batch_size: int, workers: int, device: torch.device, precision: str = "fp32",
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, C) float32 on the CPU, labels (N,) int64) in sample order."""
+            console: Console | None = None, label: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, C) float32 on the CPU, labels (N,) int64) in sample order. With a console, a
+    progress bar over the images (on a terminal), labelled `label`."""
     from localmim_cli.engine.loop import autocast
+    from localmim_cli.engine.progress import StepProgress
 
     if not samples:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
@@ -188,11 +191,14 @@ def extract(model: torch.nn.Module, samples: Sequence[Sample], img_size: int, cr
                         shuffle=False, **loader_kwargs(workers, device))
     model = model.to(device).eval()
     feats, labels = [], []
-    for images, y in loader:
-        with autocast(precision, device):
-            f = model(images.to(device, non_blocking=True))
-        feats.append(f.float().cpu())
-        labels.append(y)
+    shown = console is not None
+    with StepProgress(console or Console(quiet=True), len(samples), 0, shown, label=label) as progress:
+        for images, y in loader:
+            with autocast(precision, device):
+                f = model(images.to(device, non_blocking=True))
+            feats.append(f.float().cpu())
+            labels.append(y)
+            progress.advance(len(y))
     return torch.cat(feats), torch.cat(labels).long()
 
 
@@ -238,18 +244,17 @@ class FeatureCache:
     def put(self, key: str, features: torch.Tensor, labels: torch.Tensor, info: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        from safetensors.torch import save_file
-
         from localmim_cli.engine import atomic
-        atomic.write_with(self.folder / f"features-{key}.safetensors",
-                          lambda p: save_file({"features": features.contiguous(), "labels": labels.contiguous()},
-                                              str(p), metadata={"info": json.dumps(info)}))
+        atomic.write_tensors(self.folder / f"features-{key}.safetensors",
+                             {"features": features.contiguous(), "labels": labels.contiguous()},
+                             metadata={"info": json.dumps(info)})
 
 
 def features_for(model_factory: Callable[[], torch.nn.Module], identity: dict[str, Any],
                  samples: Sequence[Sample], classes: Sequence[str], img_size: int, crop_fraction: float,
                  cache: FeatureCache, *, batch_size: int, workers: int, device: torch.device,
-                 precision: str, model_holder: dict[str, torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
+                 precision: str, model_holder: dict[str, torch.nn.Module], console: Console | None = None,
+                 label: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """Cached features of `samples`, computing (and building the model, once) only on a miss."""
     key = cache_key(identity, samples, classes, img_size, crop_fraction)
     hit = cache.get(key)
@@ -258,7 +263,7 @@ def features_for(model_factory: Callable[[], torch.nn.Module], identity: dict[st
     if "model" not in model_holder:
         model_holder["model"] = model_factory()
     feats, labels = extract(model_holder["model"], samples, img_size, crop_fraction, batch_size, workers,
-                            device, precision)
+                            device, precision, console, label)
     cache.put(key, feats, labels, {"checkpoint": identity, "images": len(samples), "img_size": img_size,
                                    "crop_fraction": crop_fraction})
     return feats, labels

@@ -12,7 +12,6 @@ host synchronisation per step.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,8 @@ if TYPE_CHECKING:
     from localmim_cli.weights.via_timm import PluginShape
     from localmim_cli.config.layers import Resolved
     from localmim_cli.config.schema import FinetuneSettings
+
+BEST = "best"  # checkpoints/best: the best validation top-1 of the run
 
 # Settings a resume may change without breaking exact continuation.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
@@ -221,7 +222,7 @@ def run(resolved: "Resolved", run_dir: Path, resume: bool, console: "Console",
                             "shape": dataclasses.asdict(weights.shape)} if weights else None)
         torch.manual_seed(tr.seed)
         model = build_classifier(shape, len(split.classes), settings, weights).to(placement.device)
-        task = FinetuneTask(settings, model, split, shape, init_record, placement)
+        task = FinetuneTask(settings, model, split, shape, init_record, placement, run_dir)
         summary = training.train(task, resolved, run_dir, resumed, console, placement)
     return {**summary, "classes": len(split.classes), "val": task.last_val, "best": task.best}
 
@@ -234,13 +235,14 @@ class FinetuneTask(TrainingTask):
     loss_count = 1
 
     def __init__(self, settings: "FinetuneSettings", model: "torch.nn.Module", split: "LabelledSplit",
-                 shape: "ViTShape | PluginShape", init_record: dict[str, Any] | None, placement: "Placement"):
+                 shape: "ViTShape | PluginShape", init_record: dict[str, Any] | None, placement: "Placement",
+                 run_dir: Path):
         from localmim_cli.data.images import draft_size_for
         from localmim_cli.tasks.features import AugmentedSamples
 
         d = settings.data
         self.settings, self.model, self.split, self.shape = settings, model, split, shape
-        self.init_record, self.placement = init_record, placement
+        self.init_record, self.placement, self.run_dir = init_record, placement, run_dir
         self.dataset = AugmentedSamples(split.train, train_transform(settings, shape.img_size), settings.train.seed,
                                         draft_size_for(shape.img_size, d.crop_scale[0]), d.repeats)
         self.loss_fn = criterion(settings)
@@ -316,12 +318,28 @@ class FinetuneTask(TrainingTask):
         p = self.placement
         self.last_val = {"epoch": epoch, "step": step, **validate(self.model, self.split.val, self.shape.img_size,
                                                                   self.settings, p.device, p.precision, p.world)}
-        if not self.best or self.last_val["val_top1"] > self.best["val_top1"]:
+        improved = not self.best or self.last_val["val_top1"] > self.best["val_top1"]
+        if improved:
             self.best = dict(self.last_val)
-        log.record({"kind": "val", **self.last_val})
+            if p.world.is_main:
+                self._save_best(epoch, step)
+        log.record({"kind": "val", **self.last_val, "best": improved})
         v = self.last_val
         log.note(f"epoch {epoch}: val top-1 {v['val_top1']:.2f}%  top-5 {v['val_top5']:.2f}%  "
                  f"loss {v['val_loss']:.4f}  ({v['val_images']} images)")
+
+
+    def _save_best(self, epoch: int, step: int) -> None:
+        """checkpoints/best/: the weights of the best validation top-1 so far, beside the last
+        train.keep_last (which keep only the newest); export and evaluate take it like any
+        checkpoint folder. Recorded in manifest.json under "best"."""
+        from localmim_cli.engine import checkpoints, runs
+
+        meta = {"kind": self.kind, "position": {"epoch": epoch + 1, "micro_step": 0, "step": step},
+                "settings": self.settings.model_dump(mode="json"), "run_dir": str(self.run_dir),
+                **self.checkpoint_meta()}
+        checkpoints.save(self.run_dir / "checkpoints", BEST, self.model.state_dict(), meta, latest=False)
+        runs.update_manifest(self.run_dir, best={"checkpoint": f"checkpoints/{BEST}", **self.best})
 
 
 def _timm_record(settings: "FinetuneSettings", shape: "ViTShape | PluginShape", num_classes: int) -> dict[str, Any]:
@@ -363,11 +381,20 @@ def preflight(settings: "FinetuneSettings", resume: bool):
 
 
 def check(settings: "FinetuneSettings") -> str:
-    """What `--dry-run` checks: data, checkpoint and model; a summary."""
+    """What `--dry-run` checks, which is what a real start checks before it trains: data,
+    checkpoint, device, model and a step plan (one full optimizer step per epoch at least)."""
+    from localmim_cli.engine import distributed
+    from localmim_cli.engine.plan import plan_steps
+
     split, weights, shape = preflight(settings, resume=False)
+    world = distributed.from_environment()
+    device = distributed.choose_device(settings.train.device, world)
     model = build_classifier(shape, len(split.classes), settings, weights)
+    plan = plan_steps(len(split.train) * settings.data.repeats, settings, world.size)
     n_params = sum(p.numel() for p in model.parameters())
-    return f"{split.describe()}\nmodel: {shape.describe()}, {n_params / 1e6:.2f} M parameters"
+    return (f"{split.describe()}\nmodel: {shape.describe()}, {n_params / 1e6:.2f} M parameters\n"
+            f"{plan.steps_per_epoch} steps/epoch x {plan.epochs} epochs on {device} ({world.size} process(es)); "
+            f"{plan.scaling}")
 
 
 def finetune(resolved: "Resolved", run_dir: Path | str, *, resume: bool = False, overwrite: bool = False,
@@ -381,9 +408,6 @@ def finetune(resolved: "Resolved", run_dir: Path | str, *, resume: bool = False,
     console = console or Console(soft_wrap=True)
     run_dir = Path(run_dir)
     _, weights, _ = preflight(resolved.settings, resume)
-    lock = contextlib.nullcontext()   # the main process alone writes, so it alone locks
-    if distributed.from_environment().is_main:
-        lock = runs.prepare(run_dir, resume, overwrite)
-        console.print(f"run directory: {run_dir}")
-    with lock:
+    is_main = distributed.from_environment().is_main
+    with runs.claimed(run_dir, resume, overwrite, is_main, console.print):
         return run(resolved, run_dir, resume, console, weights)

@@ -9,7 +9,6 @@ torchrun, checkpoints, metrics) is `engine.training`'s.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
 from typing import Any
@@ -57,15 +56,21 @@ def param_groups(model: LocalMIM, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def check(settings: PretrainSettings) -> str:
-    """What `--dry-run` checks: the model builds and the data is readable; a one-line summary."""
+    """What `--dry-run` checks, which is everything a real start checks before it trains: the
+    device, the model, the data and a step plan (at least one full optimizer step per epoch);
+    a summary."""
+    world = distributed.from_environment()
+    device = distributed.choose_device(settings.train.device, world)
     model = build_model(settings.model)
     dataset, unreadable = pretrain_dataset(settings.data, settings.model.img_size, model.num_units,
                                            settings.train.seed)
-    plan_steps(len(dataset), settings, 1)   # an epoch of at least one step, min_lr below the peak
+    plan = plan_steps(len(dataset), settings, world.size)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return (f"{len(dataset.paths)} images ({len(unreadable)} unreadable left out); model "
             f"{n_params / 1e6:.2f} M trainable parameters; cells {model.cells_px} px at "
-            f"{model.encoder.tap_unit}s {model.encoder.tap_layers}")
+            f"{model.encoder.tap_unit}s {model.encoder.tap_layers}\n"
+            f"{plan.steps_per_epoch} steps/epoch x {plan.epochs} epochs on {device} ({world.size} process(es)); "
+            f"{plan.scaling}")
 
 
 def pretrain(resolved: Resolved, run_dir: Path | str, *, resume: bool = False, overwrite: bool = False,
@@ -74,11 +79,8 @@ def pretrain(resolved: Resolved, run_dir: Path | str, *, resume: bool = False, o
     train; returns a summary of the last logged step. Every process of a torchrun calls this."""
     console = console or Console(soft_wrap=True)
     run_dir = Path(run_dir)
-    lock = contextlib.nullcontext()   # the main process alone writes, so it alone locks
-    if distributed.from_environment().is_main:
-        lock = runs.prepare(run_dir, resume, overwrite)
-        console.print(f"run directory: {run_dir}")
-    with lock:
+    is_main = distributed.from_environment().is_main
+    with runs.claimed(run_dir, resume, overwrite, is_main, console.print):
         return run(resolved, run_dir, resume, console)
 
 

@@ -1,0 +1,102 @@
+"""README's "Using it" commands, run line by line as written, on the built-in sample photos.
+
+Each line runs in bash, in order, in a scratch folder that holds what the lines name (~/photos,
+some.jpg, more/, LABELLED/). What would take hours at the recipes' sizes is shrunk only through
+the documented environment layer (LOCALMIM_SECTION__FIELD, above the preset, below the flags), so
+the command text is exactly the README's and every setting it resolves is shown by
+`config show` with its env:... label.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env
+from labelled_photos import make_labelled_sample_set
+from localmim_cli.data.sample_photos import sample_photo_paths
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+# Per command, the LOCALMIM_* variables that shrink it: a 32 px, 4-layer, 32-wide ViT, one epoch
+# of batches of 4 on the CPU, no loader processes.
+TINY = {
+    "pretrain": {"MODEL__IMG_SIZE": "32", "MODEL__TAPS": "[1, 2, 3, 4]",
+                 "MODEL__ENCODER__OPTIONS": '{"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}',
+                 "MODEL__DECODER__WIDTH": "32", "MODEL__DECODER__NUM_HEADS": "2",
+                 "TRAIN__EPOCHS": "1", "TRAIN__BATCH_SIZE": "4", "TRAIN__ACCUM_STEPS": "1",
+                 "TRAIN__DEVICE": "cpu", "TRAIN__PRECISION": "fp32", "DATA__WORKERS": "0"},
+    "finetune": {"TRAIN__EPOCHS": "1", "TRAIN__BATCH_SIZE": "16", "TRAIN__DEVICE": "cpu",
+                 "TRAIN__PRECISION": "fp32", "DATA__WORKERS": "0"},
+}
+
+
+def using_it_commands() -> list[str]:
+    """The command lines of the shell blocks of README's "Using it", up to its first subsection
+    (### Many GPUs further down needs GPUs and a dataset; test_pretrain runs torchrun on gloo)."""
+    text = README.read_text()
+    section = re.search(r"^## Using it\n(.*?)(?=^##)", text, flags=re.M | re.S).group(1)
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S):
+        lines += [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    return lines
+
+
+def scratch(root: Path) -> None:
+    """What the README lines refer to: a photo folder, single images, a labelled folder."""
+    photos = root / "photos"
+    photos.mkdir()
+    for path in sample_photo_paths():
+        shutil.copy(path, photos / path.name)
+    shutil.copy(sample_photo_paths()[0], root / "some.jpg")
+    (root / "more").mkdir()
+    shutil.copy(sample_photo_paths()[1], root / "more" / sample_photo_paths()[1].name)
+    make_labelled_sample_set(root / "LABELLED", n_per_class=10, size=48, seed=0)
+
+
+def test_every_using_it_command_runs_as_written(tmp_path):
+    commands = using_it_commands()
+    assert len(commands) >= 10 and commands[0] == "source .venv/bin/activate"
+    scratch(tmp_path)
+    bin_dir = str(Path(sys.executable).parent)   # the venv's bin: what `source .venv/bin/activate` puts first
+    printed = {}
+    for line in commands[1:]:
+        words = line.split()
+        assert words[0] == "localmim", line
+        env = cli_env(HOME=str(tmp_path), LOCALMIM_HOME=str(tmp_path / "home"),
+                      PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                      **{f"LOCALMIM_{k}": v for k, v in TINY.get(words[1], {}).items()})
+        r = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, f"{line}\n{r.stdout}\n{r.stderr}"
+        assert "Traceback" not in r.stderr, r.stderr
+        printed[line.split("#")[0].strip()] = r.stdout
+
+    # What the lines claim they leave behind.
+    run = tmp_path / "runs" / "b16"
+    resumed = printed["localmim pretrain ~/photos --preset vit-b16-hog-1gpu --out runs/b16 --resume"]
+    assert "already finished at epoch 1" in resumed     # one tiny epoch: nothing left to continue
+    assert json.loads((run / "settings.json").read_text())["model"]["encoder"]["options"]["embed_dim"] == 32
+    assert (tmp_path / "fig.png").stat().st_size > 0
+    assert (tmp_path / "runs" / "ft" / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert len(list((tmp_path / "runs" / "ft" / "evaluations").glob("*-classifier.json"))) == 1
+    assert len(list((run / "evaluations").glob("*-knn.json"))) == 1
+    assert (tmp_path / "exported" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_tiny_overrides_are_settings_the_command_knows(command):
+    """The doc test's variables must be real settings: a typo would be an error, not a no-op."""
+    from localmim_cli.config.resolve import resolve_settings
+    from localmim_cli.config.schema import FinetuneSettings, PretrainSettings
+
+    schema = PretrainSettings if command == "pretrain" else FinetuneSettings
+    resolved = resolve_settings(schema, environ={f"LOCALMIM_{k}": v for k, v in TINY[command].items()})
+    assert {f"env:LOCALMIM_{k}" for k in TINY[command]} <= set(resolved.provenance.values())

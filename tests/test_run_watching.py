@@ -111,6 +111,9 @@ def test_monitor_records_the_floor_once_and_a_score_per_epoch(runs):
     shown = json.loads(run_cli("runs", "show", out).stdout)
     best = max(scores, key=lambda r: r["knn_top1"])
     assert (shown["best_top1"], shown["best_at_step"]) == (pytest.approx(best["knn_top1"]), best["step"])
+    assert shown["floor_top1"] == pytest.approx(floor["random_init_top1"])
+    listed = " ".join(run_cli("runs", "list", out.parent).stdout.split())
+    assert f"{best['knn_top1']:.1f} (floor {floor['random_init_top1']:.1f})" in listed
 
 
 def test_the_run_ends_with_its_curves_drawn(runs):

@@ -152,8 +152,13 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tiny_
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    # metrics.jsonl holds each step once, as if the run had never stopped.
+    # metrics.jsonl holds each step once, as if the run had never stopped; so do the TensorBoard
+    # curves, though the killed process had written events past the checkpoint
     assert [m["step"] for m in metrics(crashed)] == [m["step"] for m in metrics(straight)]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(crashed / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [m["step"] for m in metrics(straight)]
 
 
 def test_resume_refuses_changed_recipe(tmp_path, tiny_config):

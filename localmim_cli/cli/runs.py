@@ -37,7 +37,8 @@ def list_(root: Annotated[Optional[Path], typer.Argument(
         table.add_column(col)
     for s in summaries:
         table.add_row(Path(s.path).name, s.kind, s.status, f"{_fmt(s.epoch)}/{_fmt(s.epochs)}", _fmt(s.step),
-                      _fmt(s.last_loss, ".4f"), _fmt(s.best_top1, ".1f"))
+                      _fmt(s.last_loss, ".4f"), _fmt(s.best_top1, ".1f")
+                      + (f" (floor {s.floor_top1:.1f})" if s.floor_top1 is not None else ""))
     console.print(table)
 
 

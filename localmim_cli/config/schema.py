@@ -123,6 +123,12 @@ class MonitorSettings(KnnSettings):
     batch_size: int = Field(64, ge=1, description="images per forward")
 
 
+def loggers_field():
+    return Field(default_factory=lambda: ["tensorboard"], description="where metrics go besides "
+                 "metrics.jsonl: tensorboard, mlflow, wandb, or a plugin of group localmim.loggers; "
+                 "[] = metrics.jsonl only")
+
+
 class TrainSettings(Strict):
     epochs: int = Field(1600, ge=1)
     batch_size: int = Field(256, ge=1, description="images per device per micro-step")
@@ -136,8 +142,7 @@ class TrainSettings(Strict):
                                                        "(0 = at each epoch's end); the last step always")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     visualize_every: int = Field(0, ge=0, description="epochs between reconstruction figures (0 = never)")
-    loggers: list[str] = Field(["tensorboard"], description="where metrics go besides metrics.jsonl: "
-                               "tensorboard, mlflow, wandb, or a plugin of group localmim.loggers")
+    loggers: list[str] = loggers_field()
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
 
 
@@ -234,6 +239,7 @@ class FinetuneTrainSettings(Strict):
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints "
                                                        "(0 = at each epoch's end); the last step always")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
+    loggers: list[str] = loggers_field()
 
 
 class FinetuneSettings(Strict):

@@ -25,6 +25,7 @@ from localmim_cli.engine.task import Position, TrainingTask
 from localmim_cli.errors import RunInterrupted, TrainingDiverged
 
 if TYPE_CHECKING:
+    from localmim_cli.engine.loggers import Loggers
     from localmim_cli.engine.progress import StepProgress
     from localmim_cli.engine.runs import MetricsLog
 
@@ -140,14 +141,22 @@ def stop_if_diverged(bad: bool, pos: Position, ckpt_dir: Path) -> None:
 
 
 class RunOutput:
-    """metrics.jsonl and the progress display of a run; only the main process writes."""
+    """metrics.jsonl, the configured loggers and the progress display of a run; only the main
+    process writes. metrics.jsonl is always written; loggers get the same records after it."""
 
-    def __init__(self, metrics: MetricsLog, progress: StepProgress, is_main: bool):
-        self.metrics, self.progress, self.is_main = metrics, progress, is_main
+    def __init__(self, metrics: MetricsLog, progress: StepProgress, is_main: bool, loggers: Loggers | None = None):
+        self.metrics, self.progress, self.is_main, self.loggers = metrics, progress, is_main, loggers
 
     def record(self, entry: dict[str, Any]) -> None:
-        if self.is_main:
-            self.metrics.write(entry)
+        if not self.is_main:
+            return
+        self.metrics.write(entry)
+        if self.loggers is not None:
+            self.loggers.log_metrics(entry)
+
+    def image(self, tag: str, png: Path, step: int) -> None:
+        if self.is_main and self.loggers is not None:
+            self.loggers.log_image(tag, png, step)
 
     def note(self, text: str) -> None:
         self.progress.note(text)

@@ -30,13 +30,16 @@ class Position:
 
 
 class RunLog(Protocol):
-    """Where a task reports during a run; both calls are no-ops outside the main process."""
+    """Where a task reports during a run; every call is a no-op outside the main process."""
 
     def record(self, entry: dict[str, Any]) -> None:
-        """Append one line to metrics.jsonl."""
+        """Append one line to metrics.jsonl and hand it to the loggers."""
 
     def note(self, text: str) -> None:
         """Print one line alongside the progress."""
+
+    def image(self, tag: str, png: Path, step: int) -> None:
+        """Show a PNG (a figure the task wrote into the run) in the loggers, at `step`."""
 
 
 class TrainingTask(ABC):
@@ -97,6 +100,10 @@ class TrainingTask(ABC):
 
     def write_files(self, run_dir: Path) -> None:
         """Files of the task's own in the run directory; main process, after the resume check."""
+
+    def on_train_start(self, position: Position, log: RunLog) -> None:
+        """Called on every process before the first step this process runs (`position.step` is
+        0 for a fresh run, the checkpoint's step for a resumed one)."""
 
     def on_epoch_end(self, position: Position, log: RunLog) -> None:
         """Called on every process once `position.epoch` epochs are done."""

@@ -8,7 +8,7 @@
 `train` plans the steps and the lr, makes the optimizer and grad scaler from the task's
 parameter groups, restores a resumed run exactly, writes settings, provenance and manifest,
 wraps the model for DDP, feeds it from one loader that lives as long as the run, and runs the
-step loop with checkpoints, metrics.jsonl and progress.
+step loop with checkpoints, metrics.jsonl, the loggers (`train.loggers`) and progress.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from localmim_cli.errors import CheckpointError, RunDirError
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from localmim_cli.engine.loggers import Loggers
     from localmim_cli.config.layers import Resolved
 
 
@@ -195,10 +196,30 @@ def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkp
                          keep_last=tr.keep_last)
 
     task.model.train()
-    with StepProgress(console, plan.total_steps, pos.step, world.is_main, label=task.kind) as progress:
-        trainer = Trainer(task=task, net=net, optimizer=optimizer, scaler=scaler, clip_grad=opt.clip_grad,
-                          placement=placement, plan=plan, log_every=tr.log_every,
-                          checkpoint_every=tr.checkpoint_every, batches=batches, save=save,
-                          ckpt_dir=ckpt_dir, output=RunOutput(metrics, progress, world.is_main))
-        summary = run_loop(trainer, pos)
+    loggers = start_loggers(tr.loggers, run_dir, settings, pos.step, console) if world.is_main else None
+    try:
+        with StepProgress(console, plan.total_steps, pos.step, world.is_main, label=task.kind) as progress:
+            output = RunOutput(metrics, progress, world.is_main, loggers)
+            trainer = Trainer(task=task, net=net, optimizer=optimizer, scaler=scaler, clip_grad=opt.clip_grad,
+                              placement=placement, plan=plan, log_every=tr.log_every,
+                              checkpoint_every=tr.checkpoint_every, batches=batches, save=save,
+                              ckpt_dir=ckpt_dir, output=output)
+            task.on_train_start(dataclasses.replace(pos), output)
+            summary = run_loop(trainer, pos)
+    finally:
+        if loggers is not None:   # a crash, a divergence or Ctrl-C still leaves the loggers' files whole
+            loggers.close()
     return {**summary, "run_dir": str(run_dir), "epochs": tr.epochs}
+
+
+def start_loggers(names: list[str], run_dir: Path, settings: Any, start_step: int, console: Console) -> Loggers | None:
+    """The run's loggers (`train.loggers`); a resumed run's continue from `start_step`. A logger
+    that cannot start is named in a warning and the run goes on without it."""
+    if not names:
+        return None
+    from localmim_cli.engine.loggers import Loggers
+
+    def warn(text: str) -> None:
+        console.print(f"warning: {text}", style="yellow", markup=False, highlight=False)
+
+    return Loggers(names, run_dir, settings.model_dump(mode="json"), start_step, warn)

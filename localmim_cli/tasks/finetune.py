@@ -38,7 +38,7 @@ BEST = "best"  # checkpoints/best: the best validation top-1 of the run
 # Settings a resume may change without breaking exact continuation.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
                      "train.device", "train.eval_every", "train.eval_batch_size", "data.workers",
-                     "data.path", "data.val_path", "init"}
+                     "data.path", "data.val_path", "init", "train.loggers"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ The folder's images are decoded, centre-cropped and normalized once and kept as 
 measurement is a forward of the encoder in eval mode (no drop path, no dropout) over that tensor
 and a cosine k-NN vote of the held-out images against the rest. Nothing here draws from a random
 generator the training uses, so a run with the monitor trains exactly as one without it, and a
-resumed run stays bitwise exact. The floor — the same measurement on a randomly initialised
-encoder — is taken once, with its own generator.
+resumed run stays bitwise exact. The floor — the same measurement on the encoder as initialised —
+is taken once, before a fresh run's first step.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from localmim_cli.config.schema import ModelSettings, MonitorSettings
+from localmim_cli.config.schema import MonitorSettings
 from localmim_cli.data.images import center_crop_transform, load_rgb
 from localmim_cli.errors import DataError
 from localmim_cli.tasks.features import labelled_split
@@ -55,20 +55,21 @@ class KnnMonitor:
         return torch.cat(chunks)   # (N, C)
 
     def top1(self, encoder: torch.nn.Module) -> float:
-        feats = self.features(encoder)
+        # An eval-mode forward draws no random numbers; the fork is the guarantee that the
+        # training's generators (CPU and this device's) are where they were, whatever the encoder.
+        on_accelerator = self.device.type != "cpu"
+        with torch.random.fork_rng(devices=[self.device] if on_accelerator else [],
+                                   device_type=self.device.type if on_accelerator else "cuda"):
+            feats = self.features(encoder)
         votes = knn_scores(feats[: self.n_train], self.train_y, feats[self.n_train:], len(self.classes),
                            self.settings)
         return 100.0 * (votes.argmax(dim=1) == self.val_y).float().mean().item()
 
     def measure(self, encoder: torch.nn.Module, epoch: int, step: int) -> dict[str, Any]:
+        """The metrics record of one measurement after `epoch` (0-based) at optimizer step `step`."""
         return {"kind": "monitor", "epoch": epoch, "step": step, "knn_top1": self.top1(encoder)}
 
-    def floor(self, model_settings: ModelSettings, seed: int) -> dict[str, Any]:
-        """The same measurement on a freshly initialised encoder: what learning has to beat."""
-        from localmim_cli.model.build import build_model
-
-        with torch.random.fork_rng(devices=[]):   # the training's generator is left untouched
-            torch.manual_seed(seed)
-            fresh = build_model(model_settings).encoder.to(self.device)
-            score = self.top1(fresh)
-        return {"kind": "monitor", "epoch": 0, "step": 0, "random_init_top1": score}
+    def floor(self, encoder: torch.nn.Module) -> dict[str, Any]:
+        """The same measurement on the encoder as initialised, before its first step: what
+        learning has to beat. Recorded at step 0 of a fresh run."""
+        return {"kind": "monitor", "epoch": 0, "step": 0, "random_init_top1": self.top1(encoder)}

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from localmim_cli.config.layers import Resolved
-from localmim_cli.config.schema import PretrainSettings
+from localmim_cli.config.schema import MonitorSettings, PretrainSettings
 from localmim_cli.data.gpu_decode import place_views, uses_gpu_decode
 from localmim_cli.data.images import PretrainImages, pretrain_dataset
 from localmim_cli.data.skips import SkipLog
@@ -25,17 +25,21 @@ from localmim_cli.engine import distributed, runs, training
 from localmim_cli.engine.loop import Placement
 from localmim_cli.engine.plan import plan_steps
 from localmim_cli.engine.task import Position, RunLog, TrainingTask
-from localmim_cli.errors import DataError
+from localmim_cli.errors import DataError, TrainingDiverged
 from localmim_cli.model.build import build_model
 from localmim_cli.model.localmim import LocalMIM
+from localmim_cli.tasks.monitor import KnnMonitor
 
 # Settings a resume may change without breaking exact continuation. data.path may change only
 # to name the same data moved elsewhere: the run's data index must still match it (data.index).
 # data.decode, like train.device, changes numbers only by rounding: nvJPEG's IDCT vs libjpeg's
-# (the views are cut alike; see augment.tensor_view).
+# (the views are cut alike; see augment.tensor_view). Loggers and the monitor only watch: the
+# monitor reads no generator the training uses, so switching it on, off or to another folder
+# leaves the weights exactly as they would have been.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
                      "train.visualize_every", "train.device", "data.workers", "data.path", "data.check",
-                     "data.decode"}
+                     "data.decode", "train.loggers",
+                     *(f"train.monitor.{name}" for name in MonitorSettings.model_fields)}
 
 
 def param_groups(model: LocalMIM, weight_decay: float) -> list[dict[str, Any]]:
@@ -66,9 +70,12 @@ def check(settings: PretrainSettings) -> str:
                                            settings.train.seed)
     plan = plan_steps(len(dataset), settings, world.size)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tr = settings.train
+    monitor = (f"; {KnnMonitor(tr.monitor, settings.model.img_size, tr.seed, torch.device('cpu')).describe()}"
+               if tr.monitor.path is not None else "")
     return (f"{len(dataset.paths)} images ({len(unreadable)} unreadable left out); model "
             f"{n_params / 1e6:.2f} M trainable parameters; cells {model.cells_px} px at "
-            f"{model.encoder.tap_unit}s {model.encoder.tap_layers}\n"
+            f"{model.encoder.tap_unit}s {model.encoder.tap_layers}{monitor}\n"
             f"{plan.steps_per_epoch} steps/epoch x {plan.epochs} epochs on {device} ({world.size} process(es)); "
             f"{plan.scaling}")
 
@@ -102,9 +109,28 @@ def run(resolved: Resolved, run_dir: Path, resume: bool, console: Console) -> di
         if unreadable and placement.world.is_main:
             console.print(f"[yellow]leaving out {len(unreadable)} unreadable image(s)[/] (listed in manifest.json)")
         task = PretrainTask(settings, model, dataset, unreadable, run_dir, placement)
-        summary = training.train(task, resolved, run_dir, resumed, console, placement)
+        try:
+            summary = training.train(task, resolved, run_dir, resumed, console, placement)
+        except TrainingDiverged:
+            if placement.world.is_main:
+                write_curves(run_dir, console)   # where it went wrong
+            raise
         task.skips.report(console, placement.world.is_main)
+        if placement.world.is_main:
+            write_curves(run_dir, console)
         return summary
+
+
+def write_curves(run_dir: Path, console: Console) -> None:
+    """figures/curves.png, as `localmim plot RUN` draws it. The run's results are already on
+    disk, so a plot that fails is a warning, never a failed run."""
+    try:
+        from localmim_cli.tasks.plot import plot_runs
+
+        plot_runs([run_dir], run_dir / "figures" / "curves.png")
+    except Exception as exc:   # noqa: BLE001 - matplotlib missing, a full disk, a torn file...
+        console.print(f"warning: no figures/curves.png ({type(exc).__name__}: {exc}); "
+                      f"`localmim plot {run_dir}` draws it later", style="yellow", markup=False, highlight=False)
 
 
 class PretrainTask(TrainingTask):
@@ -118,6 +144,11 @@ class PretrainTask(TrainingTask):
         self.unreadable, self.run_dir, self.placement = unreadable, run_dir, placement
         self.loss_count = len(model.scales)
         self.skips = SkipLog(run_dir, placement.world)
+        monitor = settings.train.monitor
+        # measured on the main process alone: the others go on to the next step's all-reduce and wait
+        self.monitor = (KnnMonitor(monitor, settings.model.img_size, settings.train.seed, placement.device)
+                        if monitor.path is not None and placement.world.is_main else None)
+        self.floor_top1: float | None = None
 
     def param_groups(self) -> list[dict[str, Any]]:
         return param_groups(self.model, self.settings.optim.weight_decay)
@@ -167,18 +198,33 @@ class PretrainTask(TrainingTask):
                 "decode": "gpu" if self.dataset.jpeg_bytes else "cpu"}
 
     def describe(self) -> list[str]:
-        return [f"data: {len(self.dataset.paths)} images ({self._source()})"]
+        lines = [f"data: {len(self.dataset.paths)} images ({self._source()})"]
+        return lines + [self.monitor.describe()] if self.monitor else lines
+
+    def on_train_start(self, position: Position, log: RunLog) -> None:
+        if self.monitor is not None and position.step == 0:   # a resumed run has its floor already
+            record = self.monitor.floor(self.model.encoder)
+            self.floor_top1 = record["random_init_top1"]
+            log.record(record)
+            log.note(f"k-NN monitor: random-init encoder {self.floor_top1:.1f}% top-1 (the floor)")
 
     def on_epoch_end(self, position: Position, log: RunLog) -> None:
-        every = self.settings.train.visualize_every
-        if every and position.epoch % every == 0 and self.placement.world.is_main:
-            _progress_figure(self.model, self.settings.model.target.name, self.dataset.paths, self.run_dir,
-                             position.epoch, self.settings.train.seed)
+        tr = self.settings.train
+        if tr.visualize_every and position.epoch % tr.visualize_every == 0 and self.placement.world.is_main:
+            figure = _progress_figure(self.model, self.settings.model.target.name, self.dataset.paths,
+                                      self.run_dir, position.epoch, tr.seed)
+            log.image("reconstruction", figure, position.step)
+        if self.monitor is not None and (position.epoch % tr.monitor.every == 0 or position.epoch == tr.epochs):
+            record = self.monitor.measure(self.model.encoder, position.epoch - 1, position.step)
+            log.record(record)
+            floor = f" (random init {self.floor_top1:.1f}%)" if self.floor_top1 is not None else ""
+            log.note(f"epoch {position.epoch - 1}: k-NN top-1 {record['knn_top1']:.1f}%{floor}")
 
 
 def _progress_figure(model: LocalMIM, target_name: str, paths: list[Path], run_dir: Path, epoch: int,
-                     seed: int) -> None:
+                     seed: int) -> Path:
     """The same few images under the same masks every time, so figures compare across epochs."""
     from localmim_cli.tasks.visualize import write_progress_figure
-    write_progress_figure(model, paths[:4], run_dir / "figures" / f"epoch-{epoch:04d}.png", seed,
-                          target_name=target_name, title=f"epoch {epoch}")
+    out = run_dir / "figures" / f"epoch-{epoch:04d}.png"
+    write_progress_figure(model, paths[:4], out, seed, target_name=target_name, title=f"epoch {epoch}")
+    return out

@@ -27,6 +27,7 @@ class RunSummary:
     last_loss: float | None      # last logged training loss
     best_top1: float | None      # best online k-NN (pretrain) or validation (finetune) top-1, %
     best_at_step: int | None
+    floor_top1: float | None     # the k-NN monitor on the encoder as initialised, %: what best_top1 has to beat
     checkpoints: int
 
     def as_dict(self) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def summarize(run: Path | str) -> RunSummary:
             status = "finished" if epochs is not None and epoch is not None and epoch >= epochs else "stopped"
         except CheckpointError as exc:
             status = f"unreadable checkpoint ({exc})"
-    last_loss = best = best_step = None
+    last_loss = best = best_step = floor = None
     metrics = run / "metrics.jsonl"
     if metrics.is_file():
         try:
@@ -70,7 +71,8 @@ def summarize(run: Path | str) -> RunSummary:
         scored = [s for s in scored if isinstance(s[0], (int, float))]
         if scored:
             best, best_step = max(scored, key=lambda s: s[0])
-    return RunSummary(str(run), kind, status, epoch, epochs, step, last_loss, best, best_step, len(saved))
+        floor = next((r["random_init_top1"] for r in records if "random_init_top1" in r), None)
+    return RunSummary(str(run), kind, status, epoch, epochs, step, last_loss, best, best_step, floor, len(saved))
 
 
 def list_runs(root: Path | str) -> list[RunSummary]:

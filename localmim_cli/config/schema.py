@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from localmim_cli.errors import UsageError
 
@@ -28,6 +28,35 @@ CropScale = Annotated[tuple[float, float], AfterValidator(_crop_range)]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _compile_mode(value: Any) -> Any:
+    # true / false read as the default mode / off, so `--set train.compile=true` works
+    if isinstance(value, bool):
+        return "default" if value else "off"
+    return value
+
+
+CompileMode = Annotated[Literal["off", "default", "max-autotune"], BeforeValidator(_compile_mode)]
+
+
+class SpeedSettings(Strict):
+    """How a training step runs fast, without changing what it computes (beyond rounding)."""
+
+    compile: CompileMode = Field(
+        "off", description="torch.compile the model: off, default or max-autotune (true = default); "
+                           "if compiling fails the run says so in one line and continues eagerly")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each encoder block's activations in the backward pass instead "
+                           "of keeping them: less memory (ViT-L/H at large batches), about a third "
+                           "more compute; same losses and gradients")
+    threads: int = Field(0, ge=0, description="intra-op CPU threads of the step; 0 = the cores the loader "
+                                              "workers leave, at least 1 (OMP_NUM_THREADS, when set, wins)")
+
+
+# What a resume may change among them: the same computation, run differently. Not train.fsdp:
+# sharded runs save their optimizer state keyed by parameter name, replicated ones by number.
+RESUMABLE_SPEED_SETTINGS = {"train.compile", "train.activation_checkpointing", "train.threads"}
 
 
 class PluginChoice(Strict):
@@ -93,12 +122,17 @@ class MonitorSettings(KnnSettings):
     batch_size: int = Field(64, ge=1, description="images per forward")
 
 
-class TrainSettings(Strict):
+class TrainSettings(SpeedSettings):
+    fsdp: bool = Field(False, description="under torchrun with 2+ processes: shard parameters, gradients "
+                                          "and optimizer state per encoder block (FSDP2) instead of "
+                                          "replicating them (DDP); checkpoints stay whole. Not with "
+                                          "visualize_every (figures come from the main process alone)")
     epochs: int = Field(1600, ge=1)
     batch_size: int = Field(256, ge=1, description="images per device per micro-step")
     accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto = bf16 on GPUs that have it, else fp32")
+        "auto", description="auto = bf16 on GPUs that have it, fp16 (with loss scaling) on older "
+                            "GPUs, fp32 on CPUs")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     seed: int = Field(0, description="run seed; crops, flips and masks derive from it per sample")
     log_every: int = Field(20, ge=1, description="optimizer steps between logged metrics")
@@ -109,6 +143,14 @@ class TrainSettings(Strict):
     loggers: list[str] = Field(["tensorboard"], description="where metrics go besides metrics.jsonl: "
                                "tensorboard, mlflow, wandb, or a plugin of group localmim.loggers")
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+
+    @model_validator(mode="after")
+    def _fsdp_alone_on_the_model(self) -> "TrainSettings":
+        if self.fsdp and self.visualize_every:
+            raise ValueError("train.fsdp with train.visualize_every: a sharded model cannot draw figures "
+                             "on the main process alone; set train.visualize_every=0 and run "
+                             "`localmim visualize` on a checkpoint instead")
+        return self
 
 
 class PretrainSettings(Strict):
@@ -182,12 +224,13 @@ class FinetuneOptimSettings(Strict):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
 
 
-class FinetuneTrainSettings(Strict):
+class FinetuneTrainSettings(SpeedSettings):
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(128, ge=1, description="images per device per micro-step")
     accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto = bf16 on GPUs that have it, else fp32")
+        "auto", description="auto = bf16 on GPUs that have it, fp16 (with loss scaling) on older "
+                            "GPUs, fp32 on CPUs")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     seed: int = Field(0, description="run seed: split, augmentations, mixing and drop path derive from it")
     log_every: int = Field(20, ge=1, description="optimizer steps between logged metrics")

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from localmim_cli.data.samplers import StepBatches, loader_kwargs
-from localmim_cli.engine import checkpoints, distributed, runs
+from localmim_cli.engine import checkpoints, distributed, runs, wrapping
+from localmim_cli.engine import optimizer as adamw
+from localmim_cli.engine.activation_checkpointing import checkpoint_blocks
+from localmim_cli.engine.compiling import Compilation
+from localmim_cli.engine.threads import ThreadChoice, choose_intra_op_threads, intra_op_threads
 from localmim_cli.engine.loop import Placement, RunOutput, Trainer, resolve_precision, run_loop
 from localmim_cli.engine.plan import plan_steps
 from localmim_cli.engine.progress import StepProgress
@@ -81,6 +84,20 @@ def checked_resume(run_dir: Path, resume: bool, settings: Any, allowed: set[str]
     return ckpt
 
 
+def speed_line(tr: Any, compilation: Compilation, optimizer: torch.optim.Optimizer, threads: ThreadChoice,
+               device: torch.device) -> str:
+    """One line: how the step runs (compiled or eager, checkpointing, sharding, optimizer, threads)."""
+    parts = [f"compiled ({tr.compile})" if compilation.active else "eager",
+             f"AdamW {adamw.implementation(optimizer.param_groups)}"]
+    if tr.activation_checkpointing:
+        parts.append("activation checkpointing")
+    if getattr(tr, "fsdp", False):
+        parts.append("FSDP (sharded)")
+    if device.type == "cpu":
+        parts.append(f"{threads.intra_op} intra-op thread(s) ({threads.reason})")
+    return "step: " + ", ".join(parts)
+
+
 def run_loader(dataset: Dataset, sampler: StepBatches, workers: int, device: torch.device) -> DataLoader:
     """One loader for the whole run: its workers persist across epochs, so no epoch pays their
     start-up again. Between passes the sampler moves (`set_position`), and the epoch rides along
@@ -99,15 +116,28 @@ def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkp
     say = console.print if world.is_main else (lambda *a, **k: None)
 
     plan = plan_steps(len(task.dataset), settings, world.size)
-    optimizer = torch.optim.AdamW(task.param_groups(), lr=plan.lr, betas=opt.betas)
+    threads = choose_intra_op_threads(device, settings.data.workers, tr.threads)
+    if resumed is not None:
+        task.restore(resumed)          # whole weights, before any sharding
+    blocks = task.blocks()
+    if tr.activation_checkpointing:
+        checkpoint_blocks(blocks)
+    # Compiled before DDP wraps it (as recommended); under FSDP after sharding, so that the
+    # compiled graph is the sharded model's.
+    if getattr(tr, "fsdp", False):
+        spread = wrapping.wrap(task.model, blocks, True, world, device, placement.precision)
+        compilation = Compilation(task.model, tr.compile, device, say)
+    else:
+        compilation = Compilation(task.model, tr.compile, device, say)
+        spread = wrapping.wrap(task.model, blocks, False, world, device, placement.precision)
+    optimizer = adamw.adamw(task.param_groups(), lr=plan.lr, betas=opt.betas)   # the sharded parameters
     scaler = torch.amp.GradScaler(device.type, enabled=placement.precision == "fp16")
     metrics = runs.MetricsLog(run_dir / "metrics.jsonl")
     ckpt_dir = run_dir / "checkpoints"
     pos = Position()
     if resumed is not None:
-        task.restore(resumed)
         training = resumed.training_state()
-        optimizer.load_state_dict(training["optimizer"])
+        spread.load_optimizer_state(optimizer, training["optimizer"])
         scaler.load_state_dict(training["scaler"])
         pos = Position(**resumed.meta["position"])
         if world.is_main:
@@ -119,15 +149,18 @@ def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkp
         task.write_files(run_dir)
         runs.write_manifest(run_dir, runs.manifest(world, device, tr.seed, task.data_record(), {
             "precision": placement.precision, "effective_batch": plan.effective_batch, "lr": plan.lr,
-            "resumed": resumed is not None, **task.run_record()}))
+            "resumed": resumed is not None, "speed": {
+                "precision_requested": tr.precision, "compile": tr.compile if compilation.active else "off",
+                "activation_checkpointing": tr.activation_checkpointing, "fsdp": getattr(tr, "fsdp", False),
+                "optimizer": adamw.implementation(optimizer.param_groups),
+                "intra_op_threads": threads.intra_op, "threads_reason": threads.reason},
+            **task.run_record()}))
     for line in task.describe():
         say(line)
     say(f"{plan.steps_per_epoch} steps/epoch x {plan.epochs} epochs on {device} "
         f"({world.size} process(es), {placement.precision})")
     say(plan.scaling)
-
-    net = DistributedDataParallel(task.model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world.distributed else task.model
+    say(speed_line(tr, compilation, optimizer, threads, device))
     sampler = StepBatches(len(task.dataset), tr.batch_size, world.rank, world.size, tr.seed)
     loader = run_loader(task.dataset, sampler, settings.data.workers, device)
 
@@ -136,18 +169,22 @@ def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkp
         return loader
 
     def save(position: Position) -> None:
+        model_state = spread.model_state()              # sharded: every process takes part
+        optimizer_state = spread.optimizer_state(optimizer)
         if not world.is_main:
             return
         meta = {"kind": task.kind, "position": dataclasses.asdict(position),
                 "settings": settings.model_dump(mode="json"), "provenance": resolved.provenance,
                 "run_dir": str(run_dir), **task.checkpoint_meta()}
-        checkpoints.save(ckpt_dir, f"step-{position.step:08d}", task.model.state_dict(), meta,
-                         {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
+        checkpoints.save(ckpt_dir, f"step-{position.step:08d}", model_state, meta,
+                         {"optimizer": optimizer_state, "scaler": scaler.state_dict()},
                          keep_last=tr.keep_last)
 
     task.model.train()
-    with StepProgress(console, plan.total_steps, pos.step, world.is_main, label=task.kind) as progress:
-        trainer = Trainer(task=task, net=net, optimizer=optimizer, scaler=scaler, clip_grad=opt.clip_grad,
+    with intra_op_threads(threads.intra_op), \
+            StepProgress(console, plan.total_steps, pos.step, world.is_main, label=task.kind) as progress:
+        trainer = Trainer(task=task, net=spread.net, no_sync=spread.no_sync, compilation=compilation,
+                          optimizer=optimizer, scaler=scaler, clip_grad=opt.clip_grad,
                           placement=placement, plan=plan, log_every=tr.log_every,
                           checkpoint_every=tr.checkpoint_every, batches=batches, save=save,
                           ckpt_dir=ckpt_dir, output=RunOutput(metrics, progress, world.is_main))

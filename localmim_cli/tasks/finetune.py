@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from localmim_cli.config.schema import RESUMABLE_SPEED_SETTINGS
 from localmim_cli.engine.task import TrainingTask
 from localmim_cli.errors import DataError, ModelError, UsageError
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 # Settings a resume may change without breaking exact continuation.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
                      "train.device", "train.eval_every", "train.eval_batch_size", "data.workers",
-                     "data.path", "data.val_path", "init"}
+                     "data.path", "data.val_path", "init", *RESUMABLE_SPEED_SETTINGS}
 
 
 # ---------------------------------------------------------------------------------------------

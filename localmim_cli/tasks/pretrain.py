@@ -16,9 +16,10 @@ import torch
 from rich.console import Console
 
 from localmim_cli.config.layers import Resolved
-from localmim_cli.config.schema import PretrainSettings
+from localmim_cli.config.schema import RESUMABLE_SPEED_SETTINGS, PretrainSettings
 from localmim_cli.data.images import PretrainImages, fingerprint, pretrain_dataset
 from localmim_cli.engine import distributed, runs, training
+from localmim_cli.engine.activation_checkpointing import transformer_blocks
 from localmim_cli.engine.loop import Placement
 from localmim_cli.engine.task import Position, RunLog, TrainingTask
 from localmim_cli.model.build import build_model
@@ -26,7 +27,8 @@ from localmim_cli.model.localmim import LocalMIM
 
 # Settings a resume may change without breaking exact continuation.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
-                     "train.visualize_every", "train.device", "data.workers", "data.path"}
+                     "train.visualize_every", "train.device", "data.workers", "data.path",
+                     *RESUMABLE_SPEED_SETTINGS}
 
 
 def param_groups(model: LocalMIM, weight_decay: float) -> list[dict[str, Any]]:
@@ -97,6 +99,10 @@ class PretrainTask(TrainingTask):
 
     def param_groups(self) -> list[dict[str, Any]]:
         return param_groups(self.model, self.settings.optim.weight_decay)
+
+    def blocks(self) -> list[torch.nn.Module]:
+        # the encoder's: the decoders are one light block each
+        return transformer_blocks(self.model.encoder)
 
     def forward(self, net: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int, micro_step: int):
         device = self.placement.device

@@ -206,8 +206,11 @@ def test_threads_default_to_the_cores_the_loader_leaves_and_train_threads_overri
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("localmim_cli.engine.threads.usable_cores", lambda: 8)
     cpu = torch.device("cpu")
+    torch.set_num_threads(8)                  # torch's default on 8 physical cores
     assert choose_intra_op_threads(cpu, 3).intra_op == 5
     assert choose_intra_op_threads(cpu, 12).intra_op == 1
+    torch.set_num_threads(2)                  # a caller's own choice is a ceiling
+    assert choose_intra_op_threads(cpu, 3).intra_op == 2
     chosen = choose_intra_op_threads(cpu, 3, requested=2)
     assert (chosen.intra_op, chosen.reason) == (2, "set by train.threads")
     assert PretrainSettings.model_validate({"train": {"threads": 3}}).train.threads == 3

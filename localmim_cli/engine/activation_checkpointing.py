@@ -1,11 +1,12 @@
 """`train.activation_checkpointing`: keep only each block's input through the forward pass and
 recompute the block in the backward pass (torch.utils.checkpoint, non-reentrant).
 
-The task says which blocks (TrainingTask.blocks); by default, by convention: every member of a ModuleList named `blocks` (timm's ViT and
-Swin, our masked ViT, Swin stages and decoders). The random state of each block (drop path) is
-saved and replayed, so the recomputed block is the block that ran: losses and gradients are
-those of the plain path. Parameter names do not change (the block's forward is replaced on the
-instance, not wrapped in another module), so checkpoints are unaffected.
+The task says which blocks (TrainingTask.blocks); by default, by convention: every member of a
+ModuleList named `blocks` (timm's ViT and Swin, our masked ViT, Swin stages and decoders). The
+random state of each block (drop path) is saved and replayed, so the recomputed block is the
+block that ran: losses and gradients are those of the plain path. Parameter names do not change
+(the block's forward is replaced on the instance, not wrapped in another module), so
+checkpoints are unaffected.
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ class Trainer:
     """What the step loop drives: one task's model, stepped as the engine set it up."""
 
     task: TrainingTask
-    net: torch.nn.Module                # task.model, DDP-wrapped under torchrun: what forward calls
+    net: torch.nn.Module                # task.model, under torchrun DDP-wrapped or FSDP-sharded: what forward calls
     no_sync: Callable[[], contextlib.AbstractContextManager]   # around micro-steps that only accumulate
     compilation: Compilation            # compiles at the first step, or falls back to eager
     optimizer: torch.optim.Optimizer

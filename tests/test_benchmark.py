@@ -16,7 +16,7 @@ from localmim_cli.engine.step_timer import time_interleaved, time_steps
 from localmim_cli.targets.hog import HOGOptions, HOGTarget
 from localmim_cli.targets.hog_reference import PublishedHOG
 from localmim_cli.tasks.benchmark import RATIO_KEYS
-from conftest import run_cli
+from conftest import cli_env, run_cli
 
 TINY_SWIN_TOML = """
 [model]
@@ -40,8 +40,8 @@ num_heads = 4
 FIGURES = ("img_per_s", "step_ms", "peak_memory_bytes", "flops_per_image", "tflops")
 
 
-def run_json(*args) -> dict:
-    result = run_cli("benchmark", *args, "--json")
+def run_json(*args, env: dict | None = None) -> dict:
+    result = run_cli("benchmark", *args, "--json", env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)   # stdout is exactly one JSON object
 
@@ -172,3 +172,18 @@ def test_peak_memory_sees_a_short_lived_allocation():
         del block
     assert peak.method
     assert peak.bytes >= 0.9 * size
+
+
+def test_compile_and_precision_time_the_step_also_uncompiled_in_the_same_run(tiny_config):
+    """--compile adds the uncompiled step (ratio compiled / eager); --precision changes the
+    benchmarked step only. Without a C++ compiler the step stays eager, and says so."""
+    out = run_json("--config", tiny_config, "--compile", "default", "--precision", "bf16", "--steps", "1",
+                   "--warmup", "0", env=cli_env(CXX="/nonexistent/c++"))
+    assert out["configured"]["precision"] == out["eager"]["precision"] == "bf16"
+    assert out["baseline"]["precision"] == "fp32"
+    assert out["configured"]["compile"] == "off" and out["eager"]["compile"] == "off"
+    assert out["configured"]["optimizer"] == "AdamW foreach"
+    for key in ("configured", "eager", "baseline"):
+        check_entry(out[key], steps=1, batch=4)
+    check_ratios(out["vs_eager"], out["configured"], out["eager"])
+    check_ratios(out["vs_baseline"], out["configured"], out["baseline"])

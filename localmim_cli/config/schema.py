@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from localmim_cli.errors import UsageError
 
@@ -44,6 +44,35 @@ MAX_LR = 1e30
 class Strict(BaseModel):
     # Infinity and NaN are no setting's sensible value: `optim.base_lr=Infinity` would train to NaN.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _compile_mode(value: Any) -> Any:
+    # true / false read as the default mode / off, so `--set train.compile=true` works
+    if isinstance(value, bool):
+        return "default" if value else "off"
+    return value
+
+
+CompileMode = Annotated[Literal["off", "default", "max-autotune"], BeforeValidator(_compile_mode)]
+
+
+class SpeedSettings(Strict):
+    """How a training step runs fast, without changing what it computes (beyond rounding)."""
+
+    compile: CompileMode = Field(
+        "off", description="torch.compile the model: off, default or max-autotune (true = default); "
+                           "if compiling fails the run says so in one line and continues eagerly")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each encoder block's activations in the backward pass instead "
+                           "of keeping them: less memory (ViT-L/H at large batches), about a third "
+                           "more compute; same losses and gradients")
+    threads: int = Field(0, ge=0, description="intra-op CPU threads of the step; 0 = the cores the loader "
+                                              "workers leave, at least 1 (OMP_NUM_THREADS, when set, wins)")
+
+
+# What a resume may change among them: the same computation, run differently. Not train.fsdp:
+# sharded runs save their optimizer state keyed by parameter name, replicated ones by number.
+RESUMABLE_SPEED_SETTINGS = {"train.compile", "train.activation_checkpointing", "train.threads"}
 
 
 class PluginChoice(Strict):
@@ -129,12 +158,17 @@ def loggers_field():
                  "[] = metrics.jsonl only")
 
 
-class TrainSettings(Strict):
+class TrainSettings(SpeedSettings):
+    fsdp: bool = Field(False, description="under torchrun with 2+ processes: shard parameters, gradients "
+                                          "and optimizer state per encoder block (FSDP2) instead of "
+                                          "replicating them (DDP); checkpoints stay whole. Not with "
+                                          "visualize_every (figures come from the main process alone)")
     epochs: int = Field(1600, ge=1)
     batch_size: int = Field(256, ge=1, description="images per device per micro-step")
     accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto = bf16 on GPUs that have it, else fp32")
+        "auto", description="auto = bf16 on GPUs that have it, fp16 (with loss scaling) on older "
+                            "GPUs, fp32 on CPUs")
     device: Device = Field("auto", description="auto, cpu, mps, cuda, cuda:N")
     seed: int = Field(0, description="run seed; crops, flips and masks derive from it per sample")
     log_every: int = Field(20, ge=1, description="optimizer steps between logged metrics")
@@ -144,6 +178,14 @@ class TrainSettings(Strict):
     visualize_every: int = Field(0, ge=0, description="epochs between reconstruction figures (0 = never)")
     loggers: list[str] = loggers_field()
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+
+    @model_validator(mode="after")
+    def _fsdp_alone_on_the_model(self) -> "TrainSettings":
+        if self.fsdp and self.visualize_every:
+            raise ValueError("train.fsdp with train.visualize_every: a sharded model cannot draw figures "
+                             "on the main process alone; set train.visualize_every=0 and run "
+                             "`localmim visualize` on a checkpoint instead")
+        return self
 
 
 class PretrainSettings(Strict):
@@ -225,12 +267,13 @@ class FinetuneOptimSettings(Strict):
         return self
 
 
-class FinetuneTrainSettings(Strict):
+class FinetuneTrainSettings(SpeedSettings):
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(128, ge=1, description="images per device per micro-step")
     accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto = bf16 on GPUs that have it, else fp32")
+        "auto", description="auto = bf16 on GPUs that have it, fp16 (with loss scaling) on older "
+                            "GPUs, fp32 on CPUs")
     device: Device = Field("auto", description="auto, cpu, mps, cuda, cuda:N")
     seed: int = Field(0, description="run seed: split, augmentations, mixing and drop path derive from it")
     log_every: int = Field(20, ge=1, description="optimizer steps between logged metrics")

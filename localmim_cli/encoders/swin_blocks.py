@@ -13,8 +13,29 @@ from typing import Callable
 import torch
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
+from torch.nn import functional as F
 
 from localmim_cli.encoders.swin_groups import WindowGroups
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+           fused: bool) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v over (B, K, h, S, d); bias (L, K, h, S, S), L = 1 or B.
+
+    fused (GPUs): scaled_dot_product_attention, whose kernels never store the attention matrix
+    for the backward pass; it scales q @ k rather than q, a difference of rounding only.
+    Otherwise the published order, (q * scale) @ k then bias: the same rounding as the
+    checkpoints saw, which the conformance tests check on CPUs.
+    """
+    if not fused:
+        attn = (q * scale) @ k.transpose(-2, -1) + bias
+        return attn.softmax(dim=-1) @ v
+    shape = q.shape
+
+    def flat(t: torch.Tensor) -> torch.Tensor:   # (B*K, h, S, .): the kernels take 4-D inputs
+        return t.reshape(-1, *t.shape[2:])
+    mask = flat(bias.to(q.dtype).expand(shape[0], -1, -1, -1, -1))
+    return F.scaled_dot_product_attention(flat(q), flat(k), flat(v), attn_mask=mask, scale=scale).reshape(shape)
 
 
 class WindowAttention(nn.Module):
@@ -32,9 +53,8 @@ class WindowAttention(nn.Module):
         batch, _, chans = x.shape
         qkv = groups.pack(self.qkv(x))  # (B, K, S, 3C)
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(3, 0, 1, 4, 2, 5)  # 3 x (B, K, h, S, d)
-        # (q * scale) @ k then bias, as published: the same rounding as the checkpoints saw
-        attn = (q * self.scale) @ k.transpose(-2, -1) + groups.attention_bias(self.relative_position_bias_table)
-        x = attn.softmax(dim=-1) @ v  # (B, K, h, S, d)
+        bias = groups.attention_bias(self.relative_position_bias_table)  # (L, K, h, S, S), L = 1 or B
+        x = attend(q, k, v, bias, self.scale, fused=x.is_cuda)  # (B, K, h, S, d)
         x = x.transpose(2, 3).reshape(batch, groups.groups, groups.size, chans)
         return self.proj(groups.unpack(x))
 

@@ -59,6 +59,11 @@ class MaskedViT(MaskedEncoder):
         )
         self.tap_norms = nn.ModuleList(norm(dim) for _ in tap_layers)
         self._init_weights()
+        # Blocks above the highest tap get no loss in pretraining (forward_taps does not run
+        # them): frozen, so every trainable parameter gets a gradient and DDP needs no
+        # search for unused ones. They stay in the model, which keeps the timm layout.
+        for block in self.blocks[self.tap_layers[-1]:]:
+            block.requires_grad_(False)
 
     def _init_weights(self) -> None:
         # MAE's initialisation: patch projection as a linear layer, tokens N(0, .02), xavier linears.

@@ -19,6 +19,7 @@ import torch
 
 from localmim_cli.engine import checkpoints
 from localmim_cli.engine import distributed
+from localmim_cli.engine.compiling import Compilation
 from localmim_cli.engine.plan import StepPlan
 from localmim_cli.engine.stopping import StopRequest
 from localmim_cli.engine.task import Position, TrainingTask
@@ -39,11 +40,13 @@ class Placement:
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """auto: bf16 on GPUs that have it, fp32 elsewhere (bf16 autocast on CPUs is slow)."""
+    """auto: bf16 on GPUs that compute in it natively (Ampere and later), fp16 with loss scaling
+    on older GPUs (where bf16 would only be emulated), fp32 on CPUs (bf16 autocast there is
+    slow). An explicit choice stands as given."""
     if requested != "auto":
         return requested
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "fp32"
 
 
@@ -71,9 +74,9 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.zero_grad(set_to_none=True)
 
     def grad_norm() -> torch.Tensor:
-        if clipped is not None:
-            return clipped
-        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        norm = clipped if clipped is not None else \
+            torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # sharded (FSDP): whole
     return grad_norm
 
 
@@ -167,7 +170,9 @@ class Trainer:
     """What the step loop drives: one task's model, stepped as the engine set it up."""
 
     task: TrainingTask
-    net: torch.nn.Module                # task.model, DDP-wrapped under torchrun: what forward calls
+    net: torch.nn.Module                # task.model, under torchrun DDP-wrapped or FSDP-sharded: what forward calls
+    no_sync: Callable[[], contextlib.AbstractContextManager]   # around micro-steps that only accumulate
+    compilation: Compilation            # compiles at the first step, or falls back to eager
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     clip_grad: float | None
@@ -209,11 +214,15 @@ def _steps(t: Trainer, pos: Position, stop: StopRequest) -> dict[str, Any]:
             meter.fetched()
             batch = task.batch_transform(batch)
             last_micro = (micro + 1) % plan.accum_steps == 0
-            sync = contextlib.nullcontext() if (last_micro or not world.distributed) else t.net.no_sync()
-            with sync:
-                with autocast(precision, device):
-                    loss, losses, n_images = task.forward(t.net, batch, epoch, micro)
-                t.scaler.scale(loss / plan.accum_steps).backward()
+
+            def micro_step(batch=batch, epoch=epoch, micro=micro, last_micro=last_micro):
+                with contextlib.nullcontext() if last_micro else t.no_sync():
+                    with autocast(precision, device):
+                        loss, losses, n_images = task.forward(t.net, batch, epoch, micro)
+                    t.scaler.scale(loss / plan.accum_steps).backward()
+                return loss, losses, n_images
+            loss, losses, n_images = t.compilation.first_step(
+                micro_step, undo=lambda: t.optimizer.zero_grad(set_to_none=True))
             meter.add(losses, loss, n_images * world.size)
             if not last_micro:
                 meter.waiting()

@@ -76,6 +76,12 @@ class TrainingTask(ABC):
     def loss_fields(self, losses: list[float]) -> dict[str, float]:
         """The loss entries of a metrics record, from the interval's mean per-part losses."""
 
+    def blocks(self) -> list[torch.nn.Module]:
+        """The model's repeated blocks: what activation checkpointing recomputes and FSDP shards
+        one by one. By default every member of a ModuleList named `blocks`."""
+        from localmim_cli.engine.activation_checkpointing import transformer_blocks
+        return transformer_blocks(self.model)
+
     def checkpoint_meta(self) -> dict[str, Any]:
         """What checkpoints record besides kind, position, settings, provenance and run_dir."""
         return {}

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from localmim_cli.data.samplers import StepBatches, loader_kwargs
-from localmim_cli.engine import checkpoints, distributed, resumes, runs
+from localmim_cli.engine import checkpoints, distributed, resumes, runs, wrapping
+from localmim_cli.engine import optimizer as adamw
+from localmim_cli.engine.activation_checkpointing import checkpoint_blocks
+from localmim_cli.engine.compiling import Compilation
+from localmim_cli.engine.threads import ThreadChoice, choose_intra_op_threads, intra_op_threads
 from localmim_cli.engine.loop import Placement, RunOutput, Trainer, resolve_precision, run_loop
 from localmim_cli.engine.plan import StepPlan, plan_steps
 from localmim_cli.engine.schedule import lr_at
@@ -75,13 +78,13 @@ def checked_resume(run_dir: Path, resume: bool, settings: Any, allowed: set[str]
     return ckpt
 
 
-def optimizer_state_into(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                         ckpt: checkpoints.Checkpoint) -> None:
-    """The resumed checkpoint's optimizer and grad-scaler state; a CheckpointError naming the file
-    when it does not fit this run's parameters."""
+def optimizer_state_into(spread: wrapping.Replicated | wrapping.Sharded, optimizer: torch.optim.Optimizer,
+                         scaler: torch.amp.GradScaler, ckpt: checkpoints.Checkpoint) -> None:
+    """The resumed checkpoint's optimizer and grad-scaler state (into sharded parameters under
+    FSDP); a CheckpointError naming the file when it does not fit this run's parameters."""
     training = ckpt.training_state()
     try:
-        optimizer.load_state_dict(training["optimizer"])
+        spread.load_optimizer_state(optimizer, training["optimizer"])
         scaler.load_state_dict(training["scaler"])
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise CheckpointError(f"{ckpt.training_file}: optimizer state does not fit the model "
@@ -116,6 +119,20 @@ def schedule_change(saved: dict[str, Any], plan: StepPlan, pos: Position) -> lis
             f"new curve ({old:.3g} -> {new:.3g} at this step), not the one the run started with"]
 
 
+def speed_line(tr: Any, compilation: Compilation, optimizer: torch.optim.Optimizer, threads: ThreadChoice,
+               device: torch.device) -> str:
+    """One line: how the step runs (compiled or eager, checkpointing, sharding, optimizer, threads)."""
+    parts = [f"compiled ({tr.compile})" if compilation.active else "eager",
+             f"AdamW {adamw.implementation(optimizer.param_groups)}"]
+    if tr.activation_checkpointing:
+        parts.append("activation checkpointing")
+    if getattr(tr, "fsdp", False):
+        parts.append("FSDP (sharded)")
+    if device.type == "cpu":
+        parts.append(f"{threads.intra_op} intra-op thread(s) ({threads.reason})")
+    return "step: " + ", ".join(parts)
+
+
 def run_loader(dataset: Dataset, sampler: StepBatches, workers: int, device: torch.device) -> DataLoader:
     """One loader for the whole run: its workers persist across epochs, so no epoch pays their
     start-up again. Between passes the sampler moves (`set_position`), and the epoch rides along
@@ -137,17 +154,30 @@ def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkp
     say = console.print if world.is_main else (lambda *a, **k: None)
 
     plan = plan_steps(len(task.dataset), settings, world.size)
-    optimizer = torch.optim.AdamW(task.param_groups(), lr=plan.lr, betas=opt.betas)
-    scaler = torch.amp.GradScaler(device.type, enabled=placement.precision == "fp16")
-    metrics = runs.MetricsLog(run_dir / "metrics.jsonl")
-    ckpt_dir = run_dir / "checkpoints"
+    threads = choose_intra_op_threads(device, settings.data.workers, tr.threads)
     pos = Position()
     if resumed is not None:
         pos = resumed_position(resumed)
-        task.restore(resumed)
+        task.restore(resumed)          # whole weights, before any sharding
         if pos.step >= plan.total_steps:
             return already_finished(run_dir, pos, plan, say)
-        optimizer_state_into(optimizer, scaler, resumed)
+    blocks = task.blocks()
+    if tr.activation_checkpointing:
+        checkpoint_blocks(blocks)
+    # Compiled before DDP wraps it (as recommended); under FSDP after sharding, so that the
+    # compiled graph is the sharded model's.
+    if getattr(tr, "fsdp", False):
+        spread = wrapping.wrap(task.model, blocks, True, world, device, placement.precision)
+        compilation = Compilation(task.model, tr.compile, device, say)
+    else:
+        compilation = Compilation(task.model, tr.compile, device, say)
+        spread = wrapping.wrap(task.model, blocks, False, world, device, placement.precision)
+    optimizer = adamw.adamw(task.param_groups(), lr=plan.lr, betas=opt.betas)   # the sharded parameters
+    scaler = torch.amp.GradScaler(device.type, enabled=placement.precision == "fp16")
+    metrics = runs.MetricsLog(run_dir / "metrics.jsonl")
+    ckpt_dir = run_dir / "checkpoints"
+    if resumed is not None:
+        optimizer_state_into(spread, optimizer, scaler, resumed)
         if world.is_main:
             checkpoints.clear_partials(ckpt_dir)   # what a crash mid-save left: never read, only takes space
             for warning in metrics.truncate_after(pos.step):
@@ -159,6 +189,11 @@ def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkp
     if world.is_main:
         fresh_manifest = runs.manifest(world, device, tr.seed, task.data_record(), {
             "precision": placement.precision, "effective_batch": plan.effective_batch, "lr": plan.lr,
+            "speed": {
+                "precision_requested": tr.precision, "compile": tr.compile if compilation.active else "off",
+                "activation_checkpointing": tr.activation_checkpointing, "fsdp": getattr(tr, "fsdp", False),
+                "optimizer": adamw.implementation(optimizer.param_groups),
+                "intra_op_threads": threads.intra_op, "threads_reason": threads.reason},
             **task.run_record()})
         if resumed is None:
             resolved.write(run_dir)
@@ -175,9 +210,7 @@ def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkp
     say(f"{plan.steps_per_epoch} steps/epoch x {plan.epochs} epochs on {device} "
         f"({world.size} process(es), {placement.precision})")
     say(plan.scaling)
-
-    net = DistributedDataParallel(task.model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world.distributed else task.model
+    say(speed_line(tr, compilation, optimizer, threads, device))
     sampler = StepBatches(len(task.dataset), tr.batch_size, world.rank, world.size, tr.seed)
     loader = run_loader(task.dataset, sampler, settings.data.workers, device)
 
@@ -186,21 +219,25 @@ def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkp
         return loader
 
     def save(position: Position) -> None:
+        model_state = spread.model_state()              # sharded: every process takes part
+        optimizer_state = spread.optimizer_state(optimizer)
         if not world.is_main:
             return
         meta = {"kind": task.kind, "position": dataclasses.asdict(position),
                 "settings": settings.model_dump(mode="json"), "provenance": resolved.provenance,
                 "run_dir": str(run_dir), **task.checkpoint_meta()}
-        checkpoints.save(ckpt_dir, checkpoints.step_name(position.step), task.model.state_dict(), meta,
-                         {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
+        checkpoints.save(ckpt_dir, checkpoints.step_name(position.step), model_state, meta,
+                         {"optimizer": optimizer_state, "scaler": scaler.state_dict()},
                          keep_last=tr.keep_last)
 
     task.model.train()
     loggers = start_loggers(tr.loggers, run_dir, settings, pos.step, console) if world.is_main else None
     try:
-        with StepProgress(console, plan.total_steps, pos.step, world.is_main, label=task.kind) as progress:
+        with intra_op_threads(threads.intra_op), \
+                StepProgress(console, plan.total_steps, pos.step, world.is_main, label=task.kind) as progress:
             output = RunOutput(metrics, progress, world.is_main, loggers)
-            trainer = Trainer(task=task, net=net, optimizer=optimizer, scaler=scaler, clip_grad=opt.clip_grad,
+            trainer = Trainer(task=task, net=spread.net, no_sync=spread.no_sync, compilation=compilation,
+                              optimizer=optimizer, scaler=scaler, clip_grad=opt.clip_grad,
                               placement=placement, plan=plan, log_every=tr.log_every,
                               checkpoint_every=tr.checkpoint_every, batches=batches, save=save,
                               ckpt_dir=ckpt_dir, output=output)

@@ -35,6 +35,9 @@ from localmim_cli.config.resolve import resolve_settings
 from localmim_cli.config.schema import PretrainSettings
 from localmim_cli.data.images import pretrain_dataset, resolve_image_paths
 from localmim_cli.engine import distributed
+from localmim_cli.engine import optimizer as adamw
+from localmim_cli.engine.activation_checkpointing import checkpoint_blocks, transformer_blocks
+from localmim_cli.engine.compiling import Compilation
 from localmim_cli.engine.loop import autocast, optimizer_step, resolve_precision
 from localmim_cli.engine.peak_memory import PeakMemory
 from localmim_cli.engine.step_timer import median, synchronize, time_interleaved
@@ -98,7 +101,7 @@ def benchmark(resolved: Resolved, *, label: str = "configured", against: Resolve
         resolve_image_paths(settings.data.path)   # a bad folder fails now, not after the timing
     progress = progress or _no_progress
     device = distributed.choose_device(settings.train.device, distributed.World())
-    threads = choose_intra_op_threads(device, settings.data.workers)
+    threads = choose_intra_op_threads(device, settings.data.workers, settings.train.threads)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads.intra_op)
     try:
@@ -112,6 +115,9 @@ def benchmark(resolved: Resolved, *, label: str = "configured", against: Resolve
         _warm_process(settings, device)
         contenders = [("baseline", settings, "baseline", True),
                       ("configured", settings, label, False)]
+        if settings.train.compile != "off":   # the same step uncompiled: what compiling gains
+            eager = settings.model_copy(update={"train": settings.train.model_copy(update={"compile": "off"})})
+            contenders.append(("eager", eager, f"{label} eager", False))
         if against is not None:
             contenders.append(("against", against.settings, against_label, False))
         prepared = {key: _prepare(s, name, is_baseline, device, warmup, progress)
@@ -127,6 +133,8 @@ def benchmark(resolved: Resolved, *, label: str = "configured", against: Resolve
                                             result["configured"]["img_per_s"], progress)
         del prepared
         result["vs_baseline"] = _ratios(result["configured"], result["baseline"])
+        if "eager" in result:
+            result["vs_eager"] = _ratios(result["configured"], result["eager"])
         if against is not None:
             result["vs_against"] = _ratios(result["configured"], result["against"])
         return result
@@ -208,22 +216,36 @@ def _prepare(settings: PretrainSettings, name: str, is_baseline: bool, device: t
             entry["what"] = "the step as pretrain takes it"
         model = model.to(device).train()
         entry["parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        step = training_step(model, settings, precision, device)
+        if not is_baseline and settings.train.activation_checkpointing:
+            checkpoint_blocks(transformer_blocks(model.encoder))
+        step = training_step(model, settings, precision, device, published=is_baseline)
         images, noise = synthetic_batch(batch, img_size, model.num_units, settings.train.seed, device)
-        flops = count_flops(lambda: step(images, noise))   # also the first warm-up step
+        flops = count_flops(lambda: step(images, noise))   # eager (FLOPs are counted so), a warm-up step
         advance()
+        if not is_baseline:
+            compilation = Compilation(model, settings.train.compile, device, lambda line: None)
+            entry["compile"] = settings.train.compile if compilation.active else "off"
+            if compilation.active:
+                # the first compiled step compiles: always a warm-up step, never timed
+                compilation.first_step(lambda: step(images, noise), undo=lambda: None)
+                entry["compile"] = settings.train.compile if compilation.active else "off (failed)"
+        entry["optimizer"] = "AdamW " + adamw.implementation(step.optimizer.param_groups)
         for _ in range(warmup):
             step(images, noise)
             advance()
     return _Prepared(entry, model, step, images, noise, flops, peak)
 
 
-def training_step(model: LocalMIM, settings: PretrainSettings, precision: str,
-                  device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """step(images, noise): one optimizer step exactly as the pretraining loop takes it."""
+def training_step(model: LocalMIM, settings: PretrainSettings, precision: str, device: torch.device,
+                  published: bool = False) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """step(images, noise): one optimizer step exactly as the pretraining loop takes it (with
+    `published`, torch's default AdamW, as the published code makes it). `step.optimizer` is
+    its optimizer."""
     opt = settings.optim
     lr = opt.lr if opt.lr is not None else opt.base_lr * settings.train.batch_size / 256
-    optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=lr, betas=opt.betas)
+    groups = param_groups(model, opt.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=opt.betas) if published else \
+        adamw.adamw(groups, lr=lr, betas=opt.betas)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step(images: torch.Tensor, noise: torch.Tensor) -> None:
@@ -231,6 +253,7 @@ def training_step(model: LocalMIM, settings: PretrainSettings, precision: str,
             loss = model(images, noise=noise).loss
         scaler.scale(loss).backward()
         optimizer_step(model, optimizer, scaler, lr, opt.clip_grad)
+    step.optimizer = optimizer
     return step
 
 

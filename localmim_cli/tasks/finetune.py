@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from localmim_cli.config.schema import RESUMABLE_SPEED_SETTINGS
 from localmim_cli.engine.task import TrainingTask
 from localmim_cli.errors import DataError, ModelError, UsageError
 
@@ -38,7 +39,7 @@ BEST = "best"  # checkpoints/best: the best validation top-1 of the run
 # Settings a resume may change without breaking exact continuation.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
                      "train.device", "train.eval_every", "train.eval_batch_size", "data.workers",
-                     "data.path", "data.val_path", "init", "train.loggers"}
+                     "data.path", "data.val_path", "init", "train.loggers", *RESUMABLE_SPEED_SETTINGS}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,11 +17,12 @@ import torch
 from rich.console import Console
 
 from localmim_cli.config.layers import Resolved
-from localmim_cli.config.schema import MonitorSettings, PretrainSettings
+from localmim_cli.config.schema import RESUMABLE_SPEED_SETTINGS, MonitorSettings, PretrainSettings
 from localmim_cli.data.gpu_decode import place_views, uses_gpu_decode
 from localmim_cli.data.images import PretrainImages, pretrain_dataset
 from localmim_cli.data.skips import SkipLog
 from localmim_cli.engine import distributed, runs, training
+from localmim_cli.engine.activation_checkpointing import transformer_blocks
 from localmim_cli.engine.loop import Placement
 from localmim_cli.engine.plan import plan_steps
 from localmim_cli.engine.task import Position, RunLog, TrainingTask
@@ -39,7 +40,8 @@ from localmim_cli.tasks.monitor import KnnMonitor
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
                      "train.visualize_every", "train.device", "data.workers", "data.path", "data.check",
                      "data.decode", "train.loggers",
-                     *(f"train.monitor.{name}" for name in MonitorSettings.model_fields)}
+                     *(f"train.monitor.{name}" for name in MonitorSettings.model_fields),
+                     *RESUMABLE_SPEED_SETTINGS}
 
 
 def param_groups(model: LocalMIM, weight_decay: float) -> list[dict[str, Any]]:
@@ -152,6 +154,10 @@ class PretrainTask(TrainingTask):
 
     def param_groups(self) -> list[dict[str, Any]]:
         return param_groups(self.model, self.settings.optim.weight_decay)
+
+    def blocks(self) -> list[torch.nn.Module]:
+        # the encoder's: the decoders are one light block each
+        return transformer_blocks(self.model.encoder)
 
     def batch_transform(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """A loaded batch on the device: a decode error raised here as one line, skipped files

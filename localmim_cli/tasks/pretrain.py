@@ -208,11 +208,18 @@ class PretrainTask(TrainingTask):
         return lines + [self.monitor.describe()] if self.monitor else lines
 
     def on_train_start(self, position: Position, log: RunLog) -> None:
-        if self.monitor is not None and position.step == 0:   # a resumed run has its floor already
-            record = self.monitor.floor(self.model.encoder)
-            self.floor_top1 = record["random_init_top1"]
-            log.record(record)
-            log.note(f"k-NN monitor: random-init encoder {self.floor_top1:.1f}% top-1 (the floor)")
+        if self.monitor is None:
+            return
+        if position.step:   # resumed: the floor was measured when the run started, if the monitor was on
+            from localmim_cli.tasks.plot import read_metrics
+            metrics = self.run_dir / "metrics.jsonl"
+            records = read_metrics(metrics) if metrics.is_file() else []
+            self.floor_top1 = next((r["random_init_top1"] for r in records if "random_init_top1" in r), None)
+            return
+        record = self.monitor.floor(self.model.encoder)
+        self.floor_top1 = record["random_init_top1"]
+        log.record(record)
+        log.note(f"k-NN monitor: random-init encoder {self.floor_top1:.1f}% top-1 (the floor)")
 
     def on_epoch_end(self, position: Position, log: RunLog) -> None:
         tr = self.settings.train

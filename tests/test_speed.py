@@ -73,7 +73,10 @@ def test_adamw_is_multi_tensor_on_cpus_and_a_restored_state_keeps_this_machines_
 
 @pytest.mark.skipif(compiler_missing(torch.device("cpu")) is not None,
                     reason="no C++ compiler for torch.compile's CPU code")
-def test_a_compiled_step_gives_the_eager_loss_and_gradients():
+def test_a_compiled_step_gives_the_eager_loss_and_gradients(monkeypatch):
+    from torch._inductor import config
+
+    monkeypatch.setattr(config, "compile_threads", 1)   # no pool of compile workers to start
     torch.manual_seed(0)
     eager = build_model(ModelSettings.model_validate(SMALLEST))
     compiled = copy.deepcopy(eager)
@@ -134,19 +137,43 @@ def test_compiling_that_fails_at_the_first_step_goes_on_eagerly(tmp_path):
     real, the run says so once and trains every step eagerly, with the eager losses."""
     config = tmp_path / "smallest.toml"
     config.write_text(SMALLEST_TOML)
-    eager = run_cli("pretrain", "--config", config, "--out", tmp_path / "eager")
-    assert eager.returncode == 0, eager.stderr
-    env = cli_env(CXX="/bin/false", TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    env = cli_env(CXX="/bin/false", TORCHINDUCTOR_FORCE_DISABLE_CACHES="1", TORCHINDUCTOR_COMPILE_THREADS="1")
     r = run_cli("pretrain", "--config", config, "--out", tmp_path / "run", "--set", "train.compile=true", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout + r.stderr
     assert out.count("train.compile=default: cannot compile (") == 1 and "running eagerly" in out
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["speed"]["compile"] == "default"   # as it was at the start: what was asked and built
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in records] == [1, 2, 3] and all(m["loss"] > 0 for m in records)
 
-    def losses(run: Path) -> list[float]:
-        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert losses(tmp_path / "run") == losses(tmp_path / "eager") and len(losses(tmp_path / "eager")) == 3
+
+def test_the_failed_first_step_is_undone_before_it_runs_again_eagerly(monkeypatch):
+    """What the failed compiled step left (its gradients) is cleared, so the eager rerun's
+    gradients are the eager step's, not twice them."""
+    monkeypatch.setattr("localmim_cli.engine.compiling.compiler_missing", lambda device: None)
+    torch.manual_seed(0)
+    model = build_model(ModelSettings.model_validate(SMALLEST))
+    reference = copy.deepcopy(model)
+    images, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 4)
+    said, calls = [], []
+    compilation = Compilation(model, "default", torch.device("cpu"), said.append)   # compiles lazily
+    assert compilation.pending and not said
+    model._compiled_call_impl = None     # the step below runs eagerly and "fails to compile" once
+
+    def step():
+        model(images, noise=noise).loss.backward()        # gradients land, then compiling "fails"
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("backend compiler failed\nsecond line")
+        return "done"
+    assert compilation.first_step(step, undo=lambda: model.zero_grad(set_to_none=True)) == "done"
+    assert said == ["train.compile=default: cannot compile (RuntimeError: backend compiler failed); running eagerly"]
+    assert not compilation.active and not compilation.pending
+    _, expected = loss_and_grads(reference, images, noise)
+    for name, p in model.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(p.grad, expected[name], rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("encoder", [
@@ -225,23 +252,17 @@ def test_fsdp_needs_several_processes_and_not_fp16():
         PretrainSettings.model_validate({"train": {"fsdp": True, "visualize_every": 1}})
 
 
-def torchrun(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "localmim_cli", *map(str, args)],
-                          capture_output=True, text=True, env=cli_env(), timeout=300)
-
-
 def test_two_process_fsdp_gives_the_ddp_losses_and_a_whole_checkpoint(tmp_path, tiny_config):
     """Same run sharded (FSDP2) and replicated (DDP) on two CPU processes (gloo): the same loss
     at every step, and checkpoints of the same keys and weights."""
-    common = ["--config", tiny_config, "--set", "train.batch_size=2", "--set", "train.epochs=1",
-              "--set", "data.repeats=2"]
-    runs = {}
-    for name, extra in (("ddp", []), ("fsdp", ["--set", "train.fsdp=true"])):
-        r = torchrun("pretrain", *common, "--out", tmp_path / name, *extra)
-        assert r.returncode == 0, r.stdout + r.stderr
-        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    driver = Path(__file__).with_name("fsdp_and_ddp_run.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(driver), str(tiny_config), str(tmp_path), "train.batch_size=2", "train.epochs=1",
+                        "data.repeats=2"], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
     assert "FSDP (sharded)" in r.stdout
+    runs = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("ddp", "fsdp")}
     assert len(runs["ddp"]) == 3 and [m["step"] for m in runs["ddp"]] == [m["step"] for m in runs["fsdp"]]
     for a, b in zip(runs["ddp"], runs["fsdp"]):
         for key in [k for k in a if k.startswith("loss")]:

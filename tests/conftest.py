@@ -42,7 +42,8 @@ precision = "fp32"
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCALMIM_")}
+    # Not MLFLOW_TRACKING_URI either: an in-process MLflow run of an earlier test exports it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCALMIM_") and k != "MLFLOW_TRACKING_URI"}
     # One thread per process keeps runs bit-reproducible and stops two processes fighting for cores.
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"})
     env.update(extra)

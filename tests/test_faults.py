@@ -5,6 +5,7 @@ path, no interpreter start per case)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -81,6 +82,7 @@ def test_min_lr_above_absolute_lr_is_refused():
 def test_an_update_that_overflows_the_weights_is_caught_before_the_save(tmp_path):
     """The loss of a step is computed before its update, so an update that breaks the weights
     (an infinite lr here) is invisible to the loss check; the save must look at the weights."""
+    from localmim_cli.engine.compiling import Compilation
     from localmim_cli.engine.distributed import World
     from localmim_cli.engine.loop import Placement, RunOutput, Trainer, run_loop
     from localmim_cli.engine.plan import StepPlan
@@ -114,7 +116,8 @@ def test_an_update_that_overflows_the_weights_is_caught_before_the_save(tmp_path
     plan = StepPlan(steps_per_epoch=2, accum_steps=1, epochs=1, effective_batch=2, lr=1e-3, min_lr=0.0,
                     warmup_epochs=0, scaling="")
     optimizer = torch.optim.AdamW(task.param_groups(), lr=1e-3)
-    trainer = Trainer(task=task, net=task.model, optimizer=optimizer,
+    trainer = Trainer(task=task, net=task.model, no_sync=contextlib.nullcontext,
+                      compilation=Compilation(task.model, "off", torch.device("cpu"), print), optimizer=optimizer,
                       scaler=torch.amp.GradScaler("cpu", enabled=False), clip_grad=None,
                       placement=Placement(World(), torch.device("cpu"), "fp32"), plan=plan, log_every=5,
                       checkpoint_every=1, batches=lambda epoch, start: [torch.ones(2, 3)] * (2 - start),
@@ -222,7 +225,8 @@ CORRUPTIONS = {   # name -> (what to do to a copy of the run, the file the messa
                        "latest.json"),
 }
 COMMANDS = {   # name -> arguments, given the run and the photos; the corruptions each must catch
-    "resume": (lambda run, photos, tmp: ["pretrain", "--out", run, "--resume"], set(CORRUPTIONS)),
+    # more epochs than the finished run had: a resume that trains on, so it needs the training state
+    "resume": (lambda run, photos, tmp: ["pretrain", "--out", run, "--resume", "--epochs", 50], set(CORRUPTIONS)),
     "export": (lambda run, photos, tmp: ["export", run, "--out", tmp / "exported"],
                set(CORRUPTIONS) - {"missing-training-state", "truncated-training-state", "wrong-shape-model"}),
     "finetune": (lambda run, photos, tmp: ["finetune", photos, "--init", run, "--dry-run", "--device", "cpu"],

@@ -66,14 +66,27 @@ def test_mlflow_run_is_written_offline_and_read_back(tmp_path, monkeypatch):
     logs.log_image("reconstruction", write_png(tmp_path / "fig.png"), 3)
     logs.close()
     run_id = (tmp_path / "mlflow_run_id").read_text()
-    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
-    client = mlflow.tracking.MlflowClient()
+    client = mlflow.tracking.MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
     history = client.get_metric_history(run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3]
     assert client.get_metric_history(run_id, "monitor.knn_top1")[0].value == 62.5
     run = client.get_run(run_id)
     assert run.data.params["train.epochs"] == "2"
     assert any(a.path.startswith("reconstruction") for a in client.list_artifacts(run_id))
+
+
+def test_two_runs_in_one_process_each_keep_their_own_mlflow_store(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("first", "second"):   # as two `localmim_cli.pretrain(...)` calls in a notebook
+        logs = Loggers(["mlflow"], tmp_path / name, {}, 0, print)
+        logs.log_metrics(RECORDS[0])
+        logs.close()
+    for name in ("first", "second"):
+        client = mlflow.tracking.MlflowClient(tracking_uri=(tmp_path / name / "mlruns").as_uri())
+        run_id = (tmp_path / name / "mlflow_run_id").read_text()
+        assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)   # what mlflow exported for the runs
 
 
 def test_a_logger_that_cannot_start_is_named_and_skipped(tmp_path):

@@ -41,6 +41,14 @@ Device = Annotated[str, AfterValidator(_device)]
 MAX_LR = 1e30
 
 
+def _min_lr_below_lr(optim):
+    """An absolute optim.lr (when given) must stay above the floor optim.min_lr."""
+    if optim.lr is not None and optim.min_lr > optim.lr:
+        raise ValueError(f"optim.min_lr {optim.min_lr} is above optim.lr {optim.lr}: the cosine schedule "
+                         "would rise; lower min_lr")
+    return optim
+
+
 class Strict(BaseModel):
     # Infinity and NaN are no setting's sensible value: `optim.base_lr=Infinity` would train to NaN.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -128,12 +136,7 @@ class OptimSettings(Strict):
     warmup_epochs: float = Field(40, ge=0, description="linear warmup, per step")
     clip_grad: float | None = Field(None, gt=0, description="max gradient norm; empty = no clipping")
 
-    @model_validator(mode="after")
-    def _floor_below_peak(self):
-        if self.lr is not None and self.min_lr > self.lr:
-            raise ValueError(f"optim.min_lr {self.min_lr} is above optim.lr {self.lr}: the cosine schedule "
-                             "would rise; lower min_lr")
-        return self
+    _floor_below_peak = model_validator(mode="after")(_min_lr_below_lr)
 
 
 class KnnSettings(Strict):
@@ -259,12 +262,7 @@ class FinetuneOptimSettings(Strict):
     clip_grad: float | None = Field(None, gt=0, description="max gradient norm; empty = no clipping")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
 
-    @model_validator(mode="after")
-    def _floor_below_peak(self):
-        if self.lr is not None and self.min_lr > self.lr:
-            raise ValueError(f"optim.min_lr {self.min_lr} is above optim.lr {self.lr}: the cosine schedule "
-                             "would rise; lower min_lr")
-        return self
+    _floor_below_peak = model_validator(mode="after")(_min_lr_below_lr)
 
 
 class FinetuneTrainSettings(SpeedSettings):

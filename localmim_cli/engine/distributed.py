@@ -69,10 +69,14 @@ def choose_device(requested: str, world: World) -> torch.device:
     return device
 
 
-def init(world: World, device: torch.device) -> None:
+def init(world: World, device: torch.device) -> bool:
+    """Join torchrun's process group; True when this call created it (False: none is needed, or
+    the caller's own group is already there and stays the caller's)."""
     if world.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        return True
+    return False
 
 
 def barrier(world: World) -> None:

@@ -20,6 +20,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from localmim_cli.engine.resumes import flatten
 from localmim_cli.errors import PluginError
 
 GROUP = "localmim.loggers"
@@ -66,6 +67,9 @@ class TensorBoardLogger:
         self.writer.close()
 
 
+_RUN_STORES: set[str] = set()   # tracking URIs this process set for runs' own RUN/mlruns
+
+
 class MLflowLogger:
     """An MLflow run in RUN/mlruns (a file store: no server needed; `mlflow ui --backend-store-uri
     RUN/mlruns`), or at $MLFLOW_TRACKING_URI when that is set. Needs `pip install mlflow-skinny`."""
@@ -73,9 +77,13 @@ class MLflowLogger:
     def __init__(self, run_dir: Path, settings: dict[str, Any], start_step: int):
         import mlflow
 
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
+        # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, so a second run in this
+        # process (the Python API) must tell the user's setting from the one an earlier run left.
+        if os.environ.get("MLFLOW_TRACKING_URI") in (None, "", *_RUN_STORES):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")   # the offline store we ask for
-            mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
+            uri = (run_dir / "mlruns").resolve().as_uri()
+            _RUN_STORES.add(uri)
+            mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("localmim")
         id_file = run_dir / "mlflow_run_id"
         run_id = id_file.read_text().strip() if start_step and id_file.is_file() else None
@@ -84,7 +92,7 @@ class MLflowLogger:
         id_file.write_text(self.run.info.run_id)
         if run_id is None:
             flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
-                    for k, v in _flatten(settings).items()}
+                    for k, v in flatten(settings).items()}
             mlflow.log_params({k: v for k, v in flat.items() if v is not None})
 
     def log_metrics(self, record: dict[str, Any]) -> None:
@@ -119,16 +127,6 @@ class WandbLogger:
 
     def close(self) -> None:
         self.run.finish()
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "options":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def factory(name: str) -> Callable[[Path, dict[str, Any], int], RunLogger]:

@@ -49,11 +49,12 @@ def process_group(train_settings: Any) -> Iterator[Placement]:
     with the device and precision that `train.device` and `train.precision` ask for."""
     world = distributed.from_environment()
     device = distributed.choose_device(train_settings.device, world)
-    distributed.init(world, device)
+    created = distributed.init(world, device)
     try:
         yield Placement(world, device, resolve_precision(train_settings.precision, device))
     finally:
-        distributed.shutdown(world)
+        if created:   # a group the caller made (a script running several runs) stays up for the next
+            distributed.shutdown(world)
 
 
 def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], allowed: set[str]) -> None:

@@ -25,8 +25,12 @@ demo: setup
 	$(BIN)/localmim pretrain --preset demo --out runs/demo --overwrite
 	$(BIN)/localmim visualize runs/demo --out runs/demo/reconstruction.png
 
+# The tests mostly run one single-threaded process at a time: two pytest workers use both cores
+# of a small machine (files stay whole on one worker, so module fixtures are built once).
+TEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Kill a tiny pretrain with SIGKILL at random moments, resume, compare bitwise (about a minute).
 faults: setup

@@ -68,7 +68,7 @@ def finetune(data: Path | str | None = None, *, init: Path | str | None = None, 
              overwrite: bool = False, settings: Mapping[str, Any] | None = None, quiet: bool = False,
              **overrides: Any) -> Path:
     """Fine-tune a classifier on a folder with one subfolder per class; returns the run directory."""
-    from localmim_cli.tasks import finetune as task
+    from localmim_cli.tasks.classification import recipe as task
 
     values = _overrides(settings, overrides)
     if data is not None:

@@ -114,7 +114,7 @@ def test_resume_continues_exactly(tmp_path_factory, tmp_path):
 
 def test_published_checkpoint_initialises_finetuning(tmp_path_factory, tmp_path):
     from localmim_cli.weights.sources import load_encoder_weights
-    from localmim_cli.tasks.finetune import build_classifier, model_shape
+    from localmim_cli.tasks.classification.model import build_classifier, model_shape
     from localmim_cli.config.schema import FinetuneSettings
 
     pth = published_pth(tmp_path_factory)

@@ -61,7 +61,7 @@ def finetune(
     from localmim_cli.config.resolve import resolve_resumed, resolve_settings
     from localmim_cli.config.schema import FinetuneSettings
     from localmim_cli.engine import runs
-    from localmim_cli.tasks import finetune as task
+    from localmim_cli.tasks.classification import recipe as task
 
     flags = {"data.path": str(data) if data else None, "init": str(init) if init else None,
              "data.val_path": str(val) if val else None, "data.val_fraction": val_fraction,

@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from localmim_cli.config.schema import RESUMABLE_SPEED_SETTINGS
 from localmim_cli.engine.task import TrainingTask
-from localmim_cli.errors import DataError, ModelError, UsageError
+from localmim_cli.errors import DataError, UsageError
+from localmim_cli.tasks.classification.data import criterion, mixer, train_transform
+from localmim_cli.tasks.classification.metric import validate
+from localmim_cli.tasks.classification.model import build_classifier, layer_decay_groups, model_shape, timm_record
 
 if TYPE_CHECKING:
     import torch
@@ -40,146 +43,6 @@ BEST = "best"  # checkpoints/best: the best validation top-1 of the run
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
                      "train.device", "train.eval_every", "train.eval_batch_size", "data.workers",
                      "data.path", "data.val_path", "init", "train.loggers", *RESUMABLE_SPEED_SETTINGS}
-
-
-# ---------------------------------------------------------------------------------------------
-# Model
-
-
-def model_shape(settings: "FinetuneSettings", weights: "EncoderWeights | None") -> "ViTShape | PluginShape":
-    """The ViT to fine-tune: the checkpoint's, checked against model.arch, at model.img_size.
-    A checkpoint of another encoder plugin: its to_timm() model (a PluginShape)."""
-    from localmim_cli.weights import via_timm
-    from localmim_cli.weights.sources import arch_shape, check_arch, require_vit
-
-    m = settings.model
-    if weights is not None and via_timm.is_plugin_checkpoint(weights):
-        return via_timm.plugin_shape(weights, m.arch, m.img_size).with_drop_path(m.drop_path)
-    if weights is None:
-        if not m.arch:
-            raise UsageError("finetune needs --init CHECKPOINT (or model.arch to train from scratch)")
-        shape = arch_shape(m.arch, m.img_size)
-    else:
-        require_vit(weights, "finetune")
-        check_arch(weights, m.arch)
-        shape = weights.shape
-    if m.img_size and m.img_size != shape.img_size:
-        if m.img_size % shape.patch_size:
-            raise ModelError(f"model.img_size {m.img_size} is not divisible by the patch size {shape.patch_size}")
-        shape = dataclasses.replace(shape, img_size=m.img_size)
-    return shape
-
-
-def build_classifier(shape: "ViTShape | PluginShape", num_classes: int, settings: "FinetuneSettings",
-                     weights: "EncoderWeights | None") -> "torch.nn.Module":
-    """The fine-tuning model with the encoder's weights in and a fresh fc_norm and head."""
-    import torch
-    from timm.layers import trunc_normal_
-
-    from localmim_cli.weights.sources import create_vit, fit_positions
-    from localmim_cli.weights.loading import load_exactly
-    from localmim_cli.weights.via_timm import PluginShape, init_classifier
-
-    if isinstance(shape, PluginShape):
-        return init_classifier(shape, weights, num_classes, settings.model.head_init_std)
-    model = create_vit(shape, num_classes=num_classes, pooling="pool_then_norm",
-                       drop_path=settings.model.drop_path, arch=settings.model.arch)
-    if weights is not None:
-        state = fit_positions(weights.encoder_state(), weights.shape, shape.img_size)
-        load_exactly(model, state, weights.source, allow_missing=("fc_norm.", "head."))
-    with torch.no_grad():
-        trunc_normal_(model.head.weight, std=settings.model.head_init_std)
-        torch.nn.init.zeros_(model.head.bias)
-        torch.nn.init.ones_(model.fc_norm.weight)
-        torch.nn.init.zeros_(model.fc_norm.bias)
-    return model
-
-
-def layer_decay_groups(model: "torch.nn.Module", weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
-    """timm's layer-wise groups: patch_embed/cls/pos = layer 0, block i = i + 1, norms and head
-    = L + 1 (scale 1); no decay on 1-D parameters, pos_embed and cls_token (MAE's choice)."""
-    from timm.optim import param_groups_layer_decay
-    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-
-
-def train_transform(settings: "FinetuneSettings", img_size: int):
-    from timm.data import create_transform
-
-    from localmim_cli.data.images import IMAGENET_MEAN, IMAGENET_STD
-    d = settings.data
-    return create_transform(input_size=img_size, is_training=True, scale=d.crop_scale, hflip=d.hflip,
-                            color_jitter=d.color_jitter, auto_augment=d.auto_augment or None,
-                            interpolation=d.interpolation, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                            re_prob=d.reprob, re_mode=d.remode, re_count=d.recount)
-
-
-def criterion(settings: "FinetuneSettings"):
-    import torch
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    if settings.mixup.active:
-        return SoftTargetCrossEntropy()   # Mixup makes smoothed soft targets itself
-    if settings.optim.label_smoothing > 0:
-        return LabelSmoothingCrossEntropy(smoothing=settings.optim.label_smoothing)
-    return torch.nn.CrossEntropyLoss()
-
-
-def mixer(settings: "FinetuneSettings", num_classes: int):
-    if not settings.mixup.active:
-        return None
-    from timm.data import Mixup
-    mx = settings.mixup
-    return Mixup(mixup_alpha=mx.mixup, cutmix_alpha=mx.cutmix, cutmix_minmax=mx.cutmix_minmax, prob=mx.prob,
-                 switch_prob=mx.switch_prob, mode=mx.mode, label_smoothing=settings.optim.label_smoothing,
-                 num_classes=num_classes)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-
-
-def validate(model: "torch.nn.Module", samples, img_size: int, settings: "FinetuneSettings",
-             device: "torch.device", precision: str, world) -> dict[str, float]:
-    """top-1, top-5 (top-k with k = min(5, classes)) and loss on the validation samples, each
-    process taking every world-size-th image; counts are summed over processes."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from localmim_cli.engine import distributed
-    from localmim_cli.data.samplers import loader_kwargs
-    from localmim_cli.engine.loop import autocast
-    from localmim_cli.tasks.features import EvalSamples
-
-    mine = list(samples)[world.rank::world.size]
-    batch = settings.train.eval_batch_size or settings.train.batch_size
-    totals = torch.zeros(4, device=device, dtype=torch.float64)   # correct1, correct5, loss sum, n
-    if mine:
-        loader = DataLoader(EvalSamples(mine, img_size, settings.data.eval_crop_fraction), batch_size=batch,
-                            shuffle=False, **loader_kwargs(settings.data.workers, device))
-        was_training = model.training
-        model.eval()
-        k = min(5, model.num_classes)
-        with torch.no_grad():
-            for images, labels in loader:
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                with autocast(precision, device):
-                    logits = model(images)
-                logits = logits.float()
-                top = logits.topk(k, dim=1).indices                      # (B, k)
-                hit = top == labels[:, None]
-                totals[0] += hit[:, 0].sum()
-                totals[1] += hit.any(dim=1).sum()
-                totals[2] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
-                totals[3] += labels.numel()
-        model.train(was_training)
-    totals = distributed.all_reduce_mean(totals, world) * world.size
-    c1, c5, loss, n = totals.tolist()
-    n = max(n, 1)
-    return {"val_top1": 100 * c1 / n, "val_top5": 100 * c5 / n, "val_loss": loss / n, "val_images": int(n)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +111,7 @@ class FinetuneTask(TrainingTask):
                                         draft_size_for(shape.img_size, d.crop_scale[0]), d.repeats)
         self.loss_fn = criterion(settings)
         self.mix = mixer(settings, len(split.classes))
-        self.timm_record = _timm_record(settings, shape, len(split.classes))
+        self.timm_record = timm_record(settings, shape, len(split.classes))
         self.best: dict[str, Any] = {}
         self.last_val: dict[str, Any] = {}
 
@@ -341,18 +204,6 @@ class FinetuneTask(TrainingTask):
                 **self.checkpoint_meta()}
         checkpoints.save(self.run_dir / "checkpoints", BEST, self.model.state_dict(), meta, latest=False)
         runs.update_manifest(self.run_dir, best={"checkpoint": f"checkpoints/{BEST}", **self.best})
-
-
-def _timm_record(settings: "FinetuneSettings", shape: "ViTShape | PluginShape", num_classes: int) -> dict[str, Any]:
-    """What rebuilds the fine-tuned model with timm: checkpoints and the manifest record it."""
-    from localmim_cli.weights.sources import timm_model_args
-    from localmim_cli.weights.via_timm import PluginShape
-
-    if isinstance(shape, PluginShape):
-        return shape.timm_record(num_classes)
-    return {"architecture": settings.model.arch or shape.arch,
-            "model_args": timm_model_args(shape, "pool_then_norm", num_classes),
-            "shape": dataclasses.asdict(shape)}
 
 
 # ---------------------------------------------------------------------------------------------

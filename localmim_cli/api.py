@@ -24,7 +24,7 @@ from rich.console import Console
 
 from localmim_cli.config.layers import Resolved
 from localmim_cli.config.resolve import resolve_resumed, resolve_settings
-from localmim_cli.config.schema import EvaluateSettings, FinetuneSettings, PretrainSettings
+from localmim_cli.config.schema import EvaluateSettings, PretrainSettings
 from localmim_cli.engine import runs
 
 
@@ -63,21 +63,27 @@ def pretrain(data: Path | str | None = None, *, preset: str | None = None, confi
     return run_dir
 
 
-def finetune(data: Path | str | None = None, *, init: Path | str | None = None, preset: str | None = None,
-             config: Path | str | None = None, out: Path | str | None = None, resume: bool = False,
-             overwrite: bool = False, settings: Mapping[str, Any] | None = None, quiet: bool = False,
-             **overrides: Any) -> Path:
-    """Fine-tune a classifier on a folder with one subfolder per class; returns the run directory."""
-    from localmim_cli.tasks.classification import recipe as task
+def finetune(data: Path | str | None = None, *, init: Path | str | None = None, task: str | None = None,
+             preset: str | None = None, config: Path | str | None = None, out: Path | str | None = None,
+             resume: bool = False, overwrite: bool = False, settings: Mapping[str, Any] | None = None,
+             quiet: bool = False, **overrides: Any) -> Path:
+    """Fine-tune for `task` (default classification: a folder with one subfolder per class; a
+    preset or a resumed run brings its own task); returns the run directory."""
+    from localmim_cli.config.resolve import choose_task
+    from localmim_cli.config.tasks import finetune_task
+    from localmim_cli.tasks import finetune as fine_tuning
 
     values = _overrides(settings, overrides)
     if data is not None:
         values["data.path"] = str(data)
     if init is not None:
         values["init"] = str(init)
-    resolved = _resolve(FinetuneSettings, preset, config, values, out, resume)
+    if task is not None:
+        values["task"] = task
+    chosen = choose_task(task, preset, config, Path(out) if resume and out is not None else None)
+    resolved = _resolve(finetune_task(chosen, "task=").schema, preset, config, values, out, resume)
     run_dir = Path(out) if out is not None else runs.default_run_dir(preset or "finetune")
-    task.finetune(resolved, run_dir, resume=resume, overwrite=overwrite, console=_console(quiet))
+    fine_tuning.finetune(resolved, run_dir, resume=resume, overwrite=overwrite, console=_console(quiet))
     return run_dir
 
 

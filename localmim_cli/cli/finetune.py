@@ -16,8 +16,11 @@ from localmim_cli.errors import UsageError
 
 def finetune(
     data: Annotated[Optional[Path], typer.Argument(
-        help="Folder with one subfolder of images per class (ImageFolder layout). "
-             "Optional with --resume.", show_default=False)] = None,
+        help="The task's data: for classification a folder with one subfolder of images per class "
+             "(ImageFolder layout). Optional with --resume.", show_default=False)] = None,
+    task: Annotated[Optional[str], typer.Option(
+        "--task", help="What to fine-tune for: classification (default). A preset or a resumed "
+                       "run brings its own task.")] = None,
     init: Annotated[Optional[Path], typer.Option(
         "--init", help="Start from: a pretrain run directory, a localmim checkpoint, a published "
                        "LocalMIM/MAE ViT .pth/.safetensors, or an exported encoder folder.")] = None,
@@ -50,38 +53,37 @@ def finetune(
                                             "device, model, at least one optimizer step per epoch), then stop "
                                             "without writing anything.")] = False,
 ) -> None:
-    """Fine-tune a pretrained encoder as an image classifier (the published ViT protocol).
+    """Fine-tune a pretrained encoder for a task (--task; default classification).
 
-    Global average pooling with a new norm and head, layer-wise lr decay, drop path,
-    Mixup/CutMix, RandAugment, random erasing, label smoothing, AdamW with warmup + cosine.
+    classification: the published ViT protocol. Global average pooling with a new norm and
+    head, layer-wise lr decay, drop path, Mixup/CutMix, RandAugment, random erasing, label
+    smoothing, AdamW with warmup + cosine.
     Writes into the run directory: settings.json, settings.provenance.json, classes.json,
-    manifest.json, metrics.jsonl (training and validation lines), checkpoints/ (kind "finetune").
-    Under torchrun every process runs this same command; rank 0 alone writes.
+    manifest.json, metrics.jsonl (training and validation lines), checkpoints/ (the last ones,
+    and best/ by the task's validation score). Under torchrun every process runs this same
+    command; rank 0 alone writes.
     """
-    from localmim_cli.config.resolve import resolve_resumed, resolve_settings
-    from localmim_cli.config.schema import FinetuneSettings
+    from localmim_cli.config.resolve import choose_task, resolve_resumed, resolve_settings
+    from localmim_cli.config.tasks import finetune_task
     from localmim_cli.engine import runs
-    from localmim_cli.tasks.classification import recipe as task
+    from localmim_cli.tasks import finetune as fine_tuning
 
-    flags = {"data.path": str(data) if data else None, "init": str(init) if init else None,
+    schema = finetune_task(choose_task(task, preset, config, out if resume else None)).schema
+    flags = {"task": task, "data.path": str(data) if data else None, "init": str(init) if init else None,
              "data.val_path": str(val) if val else None, "data.val_fraction": val_fraction,
              "train.epochs": epochs, "train.batch_size": batch_size, "train.accum_steps": accum_steps,
              "optim.lr": lr, "optim.base_lr": base_lr, "optim.layer_decay": layer_decay,
              "model.drop_path": drop_path, "model.arch": arch, "model.img_size": img_size,
              "train.precision": precision, "train.device": device, "train.seed": seed, "data.workers": workers}
-    resolved = (resolve_resumed(FinetuneSettings, out, preset, config, set_, flags) if resume
-                else resolve_settings(FinetuneSettings, preset, config, set_, flags))
+    resolved = (resolve_resumed(schema, out, preset, config, set_, flags) if resume
+                else resolve_settings(schema, preset, config, set_, flags))
     run_dir = out or runs.default_run_dir(preset or "finetune")
     if dry_run:
         if resume:
             raise UsageError("--dry-run checks a new run; drop --resume")
         print_settings(resolved)
-        console.print(task.check(resolved.settings) + f"; would write to {run_dir}")
+        console.print(fine_tuning.check(resolved.settings) + f"; would write to {run_dir}")
         return
-    summary = task.finetune(resolved, run_dir, resume=resume, overwrite=overwrite, console=console)
+    summary = fine_tuning.finetune(resolved, run_dir, resume=resume, overwrite=overwrite, console=console)
     if summary and not summary.get("already_finished"):
-        val = summary.get("val") or {}
-        score = (f"; val top-1 {val['val_top1']:.2f}% (best {summary['best']['val_top1']:.2f}% at epoch "
-                 f"{summary['best']['epoch']}, kept in {Path(run_dir) / 'checkpoints' / 'best'})" if val else "")
-        console.print(f"[green]done[/]: {summary['steps']} steps, final loss "
-                      f"{summary.get('loss', float('nan')):.4f}{score}; checkpoints in {Path(run_dir) / 'checkpoints'}")
+        console.print(fine_tuning.done_line(resolved.settings, summary, run_dir))

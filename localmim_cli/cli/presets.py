@@ -24,7 +24,7 @@ def list_() -> None:
     table.add_column("for")
     table.add_column("summary")
     for info in list_presets():
-        table.add_row(info.name, info.kind, info.summary)
+        table.add_row(info.name, info.kind if info.kind != "finetune" else f"finetune ({info.task})", info.summary)
     console.print(table)
 
 
@@ -36,12 +36,13 @@ def show(name: Annotated[str, typer.Argument(help="Preset name or .toml file")],
     """Explain a preset: what it is for, its values, and the batch and lr it gives."""
     from localmim_cli.config.presets import load_preset, scaling_line
     from localmim_cli.config.resolve import resolve_settings
-    from localmim_cli.config.schema import schema_for
+    from localmim_cli.config.tasks import schema_for
 
     info, values = load_preset(name)
     world_size = world_size or info.world_size
-    resolved = resolve_settings(schema_for(info.kind), name)
-    console.print(f"[bold]{info.name}[/] ({info.kind}): {info.summary}\n")
+    resolved = resolve_settings(schema_for(info.kind, info.task), name)
+    kind = f"{info.kind}, task {info.task}" if info.task else info.kind
+    console.print(f"[bold]{info.name}[/] ({kind}): {info.summary}\n")
     console.print(info.description.strip() + "\n", highlight=False)
     if info.kind == "pretrain":
         console.print(scaling_line(resolved.settings, world_size), highlight=False)

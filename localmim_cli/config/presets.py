@@ -4,7 +4,8 @@ A preset file has two tables:
 
     [preset]     name, kind ("pretrain" | "finetune"), summary (one line), description (what it
                  is for, where its numbers come from, the hardware it assumes), and optionally
-                 world_size (how many processes the recipe was written for; default 1)
+                 world_size (how many processes the recipe was written for; default 1) and,
+                 for kind "finetune", task (which fine-tuning task: default "classification")
     [settings]   values nested like the settings schema; they form the "preset" layer
 
 A preset name may also be the path of such a file (a user's own preset). The batch and lr
@@ -23,7 +24,9 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from localmim_cli.config.tasks import DEFAULT_TASK, FINETUNE_TASKS
 from localmim_cli.errors import PresetError
 
 if TYPE_CHECKING:
@@ -40,6 +43,16 @@ class _Header(BaseModel):
     summary: str = Field(min_length=1)
     description: str = Field(min_length=1)
     world_size: int = Field(1, ge=1)
+    task: str | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _task_of_finetune(cls, task: str | None, info: ValidationInfo) -> str | None:
+        if task is not None and info.data.get("kind") != "finetune":
+            raise ValueError(f"{task!r}: only finetune presets name a task")
+        if task is not None and task not in FINETUNE_TASKS:
+            raise ValueError(f"{task!r} is not a fine-tuning task; choose one of {', '.join(FINETUNE_TASKS)}")
+        return task
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,7 @@ class PresetInfo:
     path: str             # where it was read from
     world_size: int = 1   # processes (GPUs) the recipe assumes
     builtin: bool = True
+    task: str | None = None   # a finetune preset's task (classification, segmentation, ...)
 
 
 def _builtin_files() -> dict[str, Traversable]:
@@ -77,8 +91,9 @@ def _read(source: Traversable | Path, builtin: bool) -> tuple[PresetInfo, dict[s
         raise PresetError(f"preset {where}: {lines}") from None
     if not isinstance(data["settings"], dict):
         raise PresetError(f"preset {where}: [settings] must be a table")
+    task = header.task or (DEFAULT_TASK if header.kind == "finetune" else None)
     info = PresetInfo(header.name, header.kind, " ".join(header.summary.split()),
-                      _unwrap(header.description), where, header.world_size, builtin)
+                      _unwrap(header.description), where, header.world_size, builtin, task)
     return info, data["settings"]
 
 
@@ -92,10 +107,11 @@ def _is_path(name: str) -> bool:
     return name.endswith(".toml") or "/" in name or "\\" in name
 
 
-def list_presets(kind: str | None = None) -> list[PresetInfo]:
-    """The shipped presets, by name; only those for `kind` ("pretrain", "finetune") when given."""
+def list_presets(kind: str | None = None, task: str | None = None) -> list[PresetInfo]:
+    """The shipped presets, by name; only those for `kind` ("pretrain", "finetune") and
+    fine-tuning `task` when given."""
     infos = [_read(f, builtin=True)[0] for _, f in sorted(_builtin_files().items())]
-    return [i for i in infos if kind is None or i.kind == kind]
+    return [i for i in infos if (kind is None or i.kind == kind) and (task is None or i.task == task)]
 
 
 def load_preset(name: str) -> tuple[PresetInfo, dict[str, Any]]:

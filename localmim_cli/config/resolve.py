@@ -10,9 +10,10 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel
 
-from localmim_cli.config.layers import Resolved, resolve
+from localmim_cli.config.layers import Resolved, read_config_file, resolve
 from localmim_cli.config.presets import load_preset
-from localmim_cli.errors import RunDirError
+from localmim_cli.config.tasks import DEFAULT_TASK, finetune_task
+from localmim_cli.errors import RunDirError, UsageError
 
 
 def resolve_settings(schema: type[BaseModel], preset: str | None = None, config: Path | str | None = None,
@@ -66,3 +67,39 @@ def run_presets(run_dir: Path) -> set[str]:
     except (OSError, ValueError, KeyError, TypeError):
         return set()
     return {label.removeprefix("preset:") for label in layers if label.startswith("preset:")}
+
+
+def choose_task(flag: str | None, preset: str | None = None, config: Path | str | None = None,
+                resumed_run: Path | None = None) -> str:
+    """The fine-tuning task a run reads its settings for, chosen before they are validated:
+    `--task` (flag), else a resumed run's own, else the preset's `task`, else the --config
+    file's `task`, else classification. Sources that name different tasks are an error naming
+    both; a resume keeps the task of the run."""
+    named: list[tuple[str, str]] = []      # (where, task), most specific first
+    if flag:
+        named.append(("--task", finetune_task(flag).name))
+    if resumed_run is not None:
+        saved = Path(resumed_run) / "settings.json"
+        try:
+            run_task = json.loads(saved.read_text()).get("task") or DEFAULT_TASK
+        except (OSError, ValueError, AttributeError):
+            run_task = None   # resolve_resumed names the missing or broken file
+        if run_task is not None:
+            if flag and named[0][1] != run_task:
+                raise RunDirError(f"--resume: {resumed_run} is a {run_task} run; drop --task {flag} "
+                                  f"(a resume keeps the task the run started with)")
+            named.append((f"the run {resumed_run}", run_task))
+    if preset:
+        info = load_preset(preset)[0]
+        if info.kind == "finetune" and not (resumed_run is not None and info.name in run_presets(Path(resumed_run))):
+            named.append((f"--preset {info.name}", info.task or DEFAULT_TASK))
+    if config is not None:
+        task = read_config_file(config).get("task")
+        if isinstance(task, str):
+            named.append((f"--config {config}", finetune_task(task, f"task in {config}").name))
+    chosen = named[0][1] if named else DEFAULT_TASK
+    clash = next(((where, task) for where, task in named if task != chosen), None)
+    if clash:
+        raise UsageError(f"{named[0][0]} says task {chosen!r} but {clash[0]} is for {clash[1]!r}; "
+                         f"give one task (a {clash[1]} preset goes with --task {clash[1]})")
+    return chosen

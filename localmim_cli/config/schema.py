@@ -13,7 +13,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from localmim_cli.errors import UsageError
 
 
 def _crop_range(value: tuple[float, float]) -> tuple[float, float]:
@@ -284,8 +283,10 @@ class FinetuneTrainSettings(SpeedSettings):
 
 
 class FinetuneSettings(Strict):
-    """Everything `localmim finetune` reads."""
+    """Everything `localmim finetune --task classification` (the default task) reads."""
 
+    task: Literal["classification"] = Field("classification", description="the fine-tuning task "
+                                            "(--task; see config/tasks.py): set when the run starts")
     init: Path | None = Field(None, description="checkpoint to start from: a pretrain run, a checkpoint, "
                                                 "a published .pth/.safetensors, or an exported encoder")
     model: FinetuneModelSettings = Field(default_factory=FinetuneModelSettings)
@@ -345,14 +346,3 @@ class EvaluateSettings(Strict):
     knn: KnnSettings = Field(default_factory=KnnSettings)
     linear: LinearProbeSettings = Field(default_factory=LinearProbeSettings)
     fewshot: FewshotSettings = Field(default_factory=FewshotSettings)
-
-
-SCHEMAS: dict[str, type[Strict]] = {"pretrain": PretrainSettings, "finetune": FinetuneSettings,
-                                    "evaluate": EvaluateSettings}
-
-
-def schema_for(command: str, flag: str = "command") -> type[Strict]:
-    """The settings model of a command; `flag` names where the command name came from."""
-    if command not in SCHEMAS:
-        raise UsageError(f"{flag} {command!r}: choose one of {', '.join(SCHEMAS)}")
-    return SCHEMAS[command]

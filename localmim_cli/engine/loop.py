@@ -260,7 +260,7 @@ def _steps(t: Trainer, pos: Position, stop: StopRequest) -> dict[str, Any]:
                 t.save(pos)
             if signum:
                 distributed.barrier(world)
-                raise interrupted(signum, pos, t.ckpt_dir, task.kind)
+                raise interrupted(signum, pos, t.ckpt_dir, task.command)
             meter.waiting()
         distributed.barrier(world)
     return {**summary, "steps": pos.step}

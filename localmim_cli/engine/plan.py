@@ -34,6 +34,9 @@ class StepPlan:
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.epochs
 
+    def describe(self) -> str:
+        return f"{self.steps_per_epoch} steps/epoch x {self.epochs} epochs"
+
     def lr_at(self, step: int) -> float:
         """lr of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
         return lr_at(step, self.steps_per_epoch, self.lr, self.min_lr, self.warmup_epochs, self.epochs)

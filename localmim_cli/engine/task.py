@@ -56,6 +56,11 @@ class TrainingTask(ABC):
     dataset: Dataset              # one epoch of training samples, keyed by (epoch, index)
     loss_count: int               # how many per-part losses forward returns
 
+    @property
+    def command(self) -> str:
+        """The localmim command that resumes the run (a stopped run's message names it)."""
+        return self.kind
+
     @abstractmethod
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups, each with its weight decay (and `lr_scale`, if any)."""

@@ -208,7 +208,7 @@ def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkp
         task.write_files(run_dir)
     for line in task.describe():
         say(line)
-    say(f"{plan.steps_per_epoch} steps/epoch x {plan.epochs} epochs on {device} "
+    say(f"{plan.describe()} on {device} "
         f"({world.size} process(es), {placement.precision})")
     say(plan.scaling)
     say(speed_line(tr, compilation, optimizer, threads, device))

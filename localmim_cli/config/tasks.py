@@ -1,0 +1,53 @@
+"""Which settings schema a command reads; for `finetune`, which task's.
+
+Fine-tuning tasks (classification, segmentation, ...) are siblings: each has its own settings
+schema here and its own recipe under `tasks/<name>/`, and `localmim finetune --task NAME` picks
+one. Adding a task is one `FinetuneTaskInfo` in `FINETUNE_TASKS`, a settings module and a task
+package; nothing else branches on the task's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from localmim_cli.config.schema import EvaluateSettings, FinetuneSettings, PretrainSettings, Strict
+from localmim_cli.errors import UsageError
+
+DEFAULT_TASK = "classification"
+
+
+@dataclass(frozen=True)
+class FinetuneTaskInfo:
+    name: str
+    schema: type[Strict]   # what `localmim finetune --task NAME` reads
+    recipe: str            # "module:attribute" of its `tasks.recipe.Recipe`, imported when a run starts
+    summary: str           # one line, for --help and errors
+
+
+FINETUNE_TASKS: dict[str, FinetuneTaskInfo] = {info.name: info for info in (
+    FinetuneTaskInfo("classification", FinetuneSettings, "localmim_cli.tasks.classification.recipe:RECIPE",
+                     "an image classifier on a folder with one subfolder per class"),
+)}
+
+COMMANDS: dict[str, type[Strict]] = {"pretrain": PretrainSettings, "finetune": FinetuneSettings,
+                                     "evaluate": EvaluateSettings}
+
+
+def finetune_task(name: str | None, flag: str = "--task") -> FinetuneTaskInfo:
+    """The fine-tuning task `name` (None: classification); `flag` names where it came from."""
+    name = name or DEFAULT_TASK
+    if name not in FINETUNE_TASKS:
+        raise UsageError(f"{flag} {name!r}: choose one of {', '.join(FINETUNE_TASKS)}")
+    return FINETUNE_TASKS[name]
+
+
+def schema_for(command: str, task: str | None = None, flag: str = "command") -> type[Strict]:
+    """The settings model of a command (of fine-tuning `task` for `finetune`); `flag` names
+    where the command name came from."""
+    if command not in COMMANDS:
+        raise UsageError(f"{flag} {command!r}: choose one of {', '.join(COMMANDS)}")
+    if command == "finetune":
+        return finetune_task(task).schema
+    if task is not None:
+        raise UsageError(f"--task {task!r}: only finetune has tasks, not {command}")
+    return COMMANDS[command]

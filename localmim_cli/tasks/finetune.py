@@ -410,5 +410,6 @@ def finetune(resolved: "Resolved", run_dir: Path | str, *, resume: bool = False,
     run_dir = Path(run_dir)
     _, weights, _ = preflight(resolved.settings, resume)
     is_main = distributed.from_environment().is_main
-    with runs.claimed(run_dir, resume, overwrite, is_main, console.print):
+    init = resolved.settings.init
+    with runs.claimed(run_dir, resume, overwrite, is_main, console.print, reads=[init] if init else []):
         return run(resolved, run_dir, resume, console, weights)

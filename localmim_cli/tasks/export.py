@@ -175,7 +175,7 @@ def _vit_model(weights, num_classes: int, with_head: bool):
     model_args = timm_model_args(shape, weights.pooling, num_classes)
     model = create_vit(shape, num_classes=num_classes, pooling=weights.pooling, arch=arch).eval()
     state = {k: v for k, v in weights.state.items() if with_head or not k.startswith("head.")}
-    load_exactly(model, state, weights.source)
+    load_exactly(model, state, weights.file)
     return model, arch, model_args, config_for(weights, arch, model_args, num_classes), shape.describe()
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from localmim_cli.config.schema import RESUMABLE_SPEED_SETTINGS
 from localmim_cli.engine.task import TrainingTask
-from localmim_cli.errors import DataError, ModelError, UsageError
+from localmim_cli.errors import CheckpointError, DataError, ModelError, NonFiniteWeights, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -377,7 +377,11 @@ def preflight(settings: "FinetuneSettings", resume: bool):
                         "classification needs two or more")
     if resume:
         return split, None, None
-    weights = load_encoder_weights(settings.init) if settings.init else None
+    try:
+        weights = load_encoder_weights(settings.init) if settings.init else None
+    except NonFiniteWeights as exc:   # not a divergence: the run would start from them
+        raise CheckpointError(f"--init {settings.init}: the initial weights are not finite: {exc.file} holds "
+                              f"{exc.detail}; pass a checkpoint saved before its run diverged") from None
     return split, weights, model_shape(settings, weights)
 
 

@@ -88,14 +88,15 @@ def finetune(data: Path | str | None = None, *, init: Path | str | None = None, 
 
 
 def evaluate(checkpoint: Path | str, data: Path | str, *, config: Path | str | None = None,
-             out: Path | str | None = None, settings: Mapping[str, Any] | None = None, quiet: bool = False,
-             **overrides: Any) -> dict[str, Any]:
+             out: Path | str | None = None, overwrite: bool = False, settings: Mapping[str, Any] | None = None,
+             quiet: bool = False, **overrides: Any) -> dict[str, Any]:
     """Score a checkpoint on a labelled folder (`protocol="knn"`, ...); returns the results, which
-    are also written as JSON (their path under the key "written_to")."""
+    are also written as JSON (their path under the key "written_to"). `overwrite` replaces an
+    earlier results file of localmim's at `out`, never any other file."""
     from localmim_cli.tasks import evaluate as task
 
     resolved = _resolve(EvaluateSettings, None, config, _overrides(settings, overrides), None, False)
-    results, path = task.evaluate(checkpoint, data, resolved.settings, out, _console(quiet))
+    results, path = task.evaluate(checkpoint, data, resolved.settings, out, _console(quiet), overwrite)
     return {**results, "written_to": str(path)}
 
 
@@ -109,10 +110,11 @@ def export(checkpoint: Path | str, out: Path | str, *, with_head: bool = False,
 
 def visualize(checkpoint: Path | str, images: list[Path | str] | None = None, *, out: Path | str | None = None,
               seed: int | None = None, mask_from: Path | str | None = None, mask_ratio: float | None = None,
-              device: str = "cpu") -> Path:
+              device: str = "cpu", overwrite: bool = False) -> Path:
     """Draw every scale's target next to its prediction; returns the PNG written (its JSON
-    sidecar, with masks and per-scale losses, lies beside it)."""
+    sidecar, with masks and per-scale losses, lies beside it). `overwrite` replaces an earlier
+    figure of localmim's at `out`, never any other file."""
     from localmim_cli.tasks import visualize as task
 
-    png, _ = task.visualize(checkpoint, images, out, seed, mask_from, mask_ratio, device)
+    png, _ = task.visualize(checkpoint, images, out, seed, mask_from, mask_ratio, device, overwrite)
     return png

@@ -42,8 +42,22 @@ class CheckpointError(UserError):
     """A checkpoint cannot be read or does not fit; the message names the file and the reason."""
 
 
+class NonFiniteWeights(CheckpointError):
+    """A weights file holds NaN or infinite values; `file` is the file, `detail` which tensors."""
+
+    def __init__(self, file: object, detail: str):
+        self.file, self.detail = file, detail
+        super().__init__(f"{file}: the weights are not finite ({detail}); these weights cannot be used: "
+                         "pass a checkpoint saved before they went wrong")
+
+
 class RunDirError(UserError):
     """The run directory cannot be used as asked (or a resume would change its recipe)."""
+
+
+class OutputError(RunDirError):
+    """An output path a command may not write as asked (engine/outputs.py); names the flag and the
+    path. A RunDirError too, as a refused run directory always was."""
 
 
 class TrainingDiverged(UserError):

@@ -27,6 +27,9 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Results JSON. Default: a new file per evaluation, <run dir>/evaluations/"
                             "<UTC time>-<protocol>.json (./evaluations/... for a checkpoint outside a run).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", metavar=NO_VALUE, help="Replace an earlier results file of localmim's at --out "
+                                              "(never any other file).")] = False,
     k: Annotated[Optional[int], typer.Option("--k", help="knn.k, neighbours that vote")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="knn.temperature")] = None,
     way: Annotated[Optional[int], typer.Option(help="fewshot.way, classes per episode")] = None,
@@ -60,5 +63,5 @@ def evaluate(
              "fewshot.episodes": episodes, "batch_size": batch_size, "img_size": img_size, "device": device,
              "precision": precision, "workers": workers, "seed": seed, "cache": False if no_cache else None}
     resolved = resolve_settings(EvaluateSettings, None, config, set_, flags)
-    results, path = run_evaluation(checkpoint, data, resolved.settings, console, out)
+    results, path = run_evaluation(checkpoint, data, resolved.settings, console, out, overwrite)
     print_results(results, path, console)

@@ -50,8 +50,8 @@ def finetune(
     workers: WorkersOpt = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", metavar=NO_VALUE, help="Check everything a real start checks (settings, data, checkpoint, "
-                                            "device, model, at least one optimizer step per epoch), then stop "
-                                            "without writing anything.")] = False,
+                                            "device, model, at least one optimizer step per epoch, that --out "
+                                            "may be written), then stop without writing anything.")] = False,
 ) -> None:
     """Fine-tune a pretrained encoder for a task (--task; default classification).
 
@@ -81,6 +81,8 @@ def finetune(
     if dry_run:
         if resume:
             raise UsageError("--dry-run checks a new run; drop --resume")
+        init = resolved.settings.init   # read, so never written over or inside
+        runs.check(Path(run_dir), resume, overwrite, reads=[init] if init else [])   # as a real start, changing nothing
         print_settings(resolved)
         console.print(fine_tuning.check(resolved.settings) + f"; would write to {run_dir}")
         return

@@ -42,8 +42,8 @@ def pretrain(
              "or stop on the first one.", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", metavar=NO_VALUE, help="Check everything a real start checks (settings, device, "
-                                            "data, model, at least one optimizer step per epoch), "
-                                            "then stop without writing anything.")] = False,
+                                            "data, model, at least one optimizer step per epoch, that "
+                                            "--out may be written), then stop without writing anything.")] = False,
 ) -> None:
     """Pretrain a LocalMIM model on a folder of images.
 
@@ -68,6 +68,7 @@ def pretrain(
                 else resolve_settings(PretrainSettings, preset, config, set_, flags))
     run_dir = out or runs.default_run_dir(preset or "pretrain")
     if dry_run:
+        runs.check(Path(run_dir), resume, overwrite)   # as a real start, changing nothing
         print_settings(resolved)
         console.print(task.check(resolved.settings) + f"; would write to {run_dir}")
         return

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from localmim_cli.cli.options import NO_VALUE
 from localmim_cli.cli.output import console
 
 
@@ -19,9 +20,13 @@ def visualize(
         help="Image files or folders (searched recursively). Leave out for the built-in sample photos.",
         show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Figure to write (PNG); its sidecar FIG.json goes beside it. Default: "
-                            "RUN/figures/reconstruction.png for a run directory, else ./reconstruction.png.",
+        "--out", "-o", help="Figure to write (FIG.png); its sidecar FIG.json goes beside it. Default: "
+                            "RUN/figures/reconstruction.png for a run directory, else ./reconstruction.png "
+                            "(reconstruction-2.png, ... when that exists).",
         show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", metavar=NO_VALUE, help="Replace an earlier figure of localmim's at --out (never any "
+                                              "other file).")] = False,
     seed: Annotated[Optional[int], typer.Option(
         help="Seed of the masks: the same seed gives the same masks on every run and device (default 0)",
         show_default=False)] = None,
@@ -38,7 +43,7 @@ def visualize(
     """
     from localmim_cli.tasks import visualize as task
 
-    out, sidecar = task.visualize(checkpoint, images, out, seed, mask_from, mask_ratio, device)
+    out, sidecar = task.visualize(checkpoint, images, out, seed, mask_from, mask_ratio, device, overwrite)
     console.print(f"wrote {out} ({len(sidecar['images'])} image(s)) and {out.with_suffix('.json').name}",
                   highlight=False)
     for item in sidecar["images"]:

@@ -12,8 +12,8 @@ from pydantic import BaseModel
 
 from localmim_cli.config.layers import Resolved, read_config_file, resolve
 from localmim_cli.config.presets import load_preset
-from localmim_cli.config.tasks import DEFAULT_TASK, finetune_task
-from localmim_cli.errors import RunDirError, UsageError
+from localmim_cli.config.tasks import DEFAULT_TASK, command_of, finetune_task
+from localmim_cli.errors import PresetError, RunDirError, UsageError
 
 
 def resolve_settings(schema: type[BaseModel], preset: str | None = None, config: Path | str | None = None,
@@ -30,6 +30,11 @@ def resolve_settings(schema: type[BaseModel], preset: str | None = None, config:
     if preset:
         info, preset_dict = load_preset(preset)
         preset_name = info.name
+        command = command_of(schema)
+        if command is not None and info.kind != command:
+            where = info.name if info.builtin else info.path
+            raise PresetError(f"preset {where}: kind = {info.kind!r}, a recipe for `localmim {info.kind}`, not "
+                              f"`localmim {command}`; pick a {command} preset (`localmim presets list`)")
     given = {k: v for k, v in (flags or {}).items() if v is not None}
     return resolve(schema, preset=preset_dict, preset_name=preset_name, base=base,
                    config_file=Path(config) if config is not None else None,
@@ -56,8 +61,22 @@ def resolve_resumed(schema: type[BaseModel], out: Path | None, preset: str | Non
         raise RunDirError(f"--resume: {saved} is missing; is {out} a localmim run directory?")
     if preset and load_preset(preset)[0].name in run_presets(Path(out)):
         preset = None
-    return resolve_settings(schema, preset, config, sets, flags, base=(f"run:{saved}", json.loads(saved.read_text())),
+    # The run's own values, validated by the schema as any layer is (a problem names run:FILE).
+    return resolve_settings(schema, preset, config, sets, flags, base=(f"run:{saved}", read_run_settings(saved)),
                             environ=environ, flag_names=flag_names)
+
+
+def read_run_settings(saved: Path) -> dict[str, Any]:
+    """A run's settings.json as a JSON object; a RunDirError naming it when it is not one."""
+    try:
+        values = json.loads(saved.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{saved}: not valid JSON ({exc}); the run's settings cannot be read back: "
+                          "restore the file (the latest checkpoint's meta.json holds the same settings)") from None
+    if not isinstance(values, dict):
+        raise RunDirError(f"{saved}: not a JSON object of settings; restore the file (the latest checkpoint's "
+                          "meta.json holds the same settings)")
+    return values
 
 
 def run_presets(run_dir: Path) -> set[str]:

@@ -39,6 +39,18 @@ Device = Annotated[str, AfterValidator(_device)]
 # Far beyond any usable lr; much larger ones overflow the optimizer's float32 step arithmetic.
 MAX_LR = 1e30
 
+# Upper bounds of counts: far beyond any real run, low enough that a slip (a pasted number, keys
+# held down) is refused at once instead of planning 10^22 epochs or forking a million workers.
+MAX_EPOCHS = 100_000        # epochs, and epochs between events (the paper's longest run: 1600)
+MAX_STEPS = 1_000_000_000   # optimizer steps between events (logging, checkpoints)
+MAX_BATCH = 1_000_000       # images per device per micro-step, or per forward
+MAX_ACCUM = 100_000         # micro-steps per optimizer step
+MAX_WORKERS = 1024          # loader processes, CPU threads
+MAX_REPEATS = 100_000       # passes over a folder per epoch
+MAX_KEEP = 100_000          # checkpoints kept
+MAX_IMG_SIZE = 16_384       # pixels on a side
+SEED_RANGE = {"ge": -2**63, "le": 2**63 - 1}   # what torch.manual_seed takes (a 64-bit integer)
+
 
 def _min_lr_below_lr(optim):
     """An absolute optim.lr (when given) must stay above the floor optim.min_lr."""
@@ -73,7 +85,7 @@ class SpeedSettings(Strict):
         False, description="recompute each encoder block's activations in the backward pass instead "
                            "of keeping them: less memory (ViT-L/H at large batches), about a third "
                            "more compute; same losses and gradients")
-    threads: int = Field(0, ge=0, description="intra-op CPU threads of the step; 0 = the cores the loader "
+    threads: int = Field(0, ge=0, le=MAX_WORKERS, description="intra-op CPU threads of the step; 0 = the cores the loader "
                                               "workers leave, at least 1 (OMP_NUM_THREADS, when set, wins)")
 
 
@@ -99,7 +111,7 @@ class DecoderSettings(Strict):
 class ModelSettings(Strict):
     encoder: PluginChoice = Field(default_factory=lambda: PluginChoice(name="vit"))
     target: PluginChoice = Field(default_factory=lambda: PluginChoice(name="hog"))
-    img_size: int = Field(224, ge=8, description="square input side in pixels")
+    img_size: int = Field(224, ge=8, le=MAX_IMG_SIZE, description="square input side in pixels")
     taps: list[int] | None = Field(None, description="1-indexed encoder layers that get a decoder; "
                                                      "empty = the encoder's default (ViT: 2, 4, L-2, L)")
     scales: list[float] = Field([4.0, 2.0, 1.0, 0.5], description="resolution factor of each "
@@ -113,10 +125,10 @@ class DataSettings(Strict):
     path: Path | None = Field(None, description="image folder (recursive), one image, a text list of image paths, or tar shards (a .tar, a folder of them, or shards-{000..009}.tar); empty = built-in sample photos")
     crop_scale: CropScale = Field((0.2, 1.0), description="RandomResizedCrop area range")
     hflip: bool = Field(True, description="random horizontal flip")
-    workers: int = Field(2, ge=0, description="loader processes per device")
+    workers: int = Field(2, ge=0, le=MAX_WORKERS, description="loader processes per device")
     skip_unreadable: bool = Field(False, description="skip files that fail to decode (counted in the log) "
                                                      "instead of stopping")
-    repeats: int = Field(1, ge=1, description="passes over the folder per epoch (small folders)")
+    repeats: int = Field(1, ge=1, le=MAX_REPEATS, description="passes over the folder per epoch (small folders)")
     check: Literal["header", "full", "none"] = Field(
         "header", description="before the first run of a data folder: open every header (header), "
                               "decode every image (full) or trust the files (none)")
@@ -139,7 +151,7 @@ class OptimSettings(Strict):
 
 
 class KnnSettings(Strict):
-    k: int = Field(20, ge=1, description="neighbours that vote (DINO: 20)")
+    k: int = Field(20, ge=1, le=MAX_BATCH, description="neighbours that vote (DINO: 20)")
     temperature: float = Field(0.07, gt=0, description="votes weigh exp(cosine / temperature) (DINO: 0.07)")
 
 
@@ -148,10 +160,10 @@ class MonitorSettings(KnnSettings):
 
     path: Path | None = Field(None, description="labelled folder (one subfolder per class) to score "
                                                 "frozen features on; empty = no monitor")
-    every: int = Field(1, ge=1, description="epochs between measurements")
+    every: int = Field(1, ge=1, le=MAX_EPOCHS, description="epochs between measurements")
     val_fraction: float = Field(0.3, gt=0, lt=1, description="share of each class used as queries; "
                                                              "the rest vote")
-    batch_size: int = Field(64, ge=1, description="images per forward")
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH, description="images per forward")
 
 
 def loggers_field():
@@ -165,19 +177,19 @@ class TrainSettings(SpeedSettings):
                                           "and optimizer state per encoder block (FSDP2) instead of "
                                           "replicating them (DDP); checkpoints stay whole. Not with "
                                           "visualize_every (figures come from the main process alone)")
-    epochs: int = Field(1600, ge=1)
-    batch_size: int = Field(256, ge=1, description="images per device per micro-step")
-    accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    epochs: int = Field(1600, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH, description="images per device per micro-step")
+    accum_steps: int = Field(1, ge=1, le=MAX_ACCUM, description="micro-steps per optimizer step")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 on GPUs that have it, fp16 (with loss scaling) on older "
                             "GPUs, fp32 on CPUs")
     device: Device = Field("auto", description="auto, cpu, mps, cuda, cuda:N")
-    seed: int = Field(0, description="run seed; crops, flips and masks derive from it per sample")
-    log_every: int = Field(20, ge=1, description="optimizer steps between logged metrics")
-    checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints "
+    seed: int = Field(0, **SEED_RANGE, description="run seed; crops, flips and masks derive from it per sample")
+    log_every: int = Field(20, ge=1, le=MAX_STEPS, description="optimizer steps between logged metrics")
+    checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS, description="optimizer steps between checkpoints "
                                                        "(0 = at each epoch's end); the last step always")
-    keep_last: int = Field(2, ge=1, description="checkpoints kept")
-    visualize_every: int = Field(0, ge=0, description="epochs between reconstruction figures (0 = never)")
+    keep_last: int = Field(2, ge=1, le=MAX_KEEP, description="checkpoints kept")
+    visualize_every: int = Field(0, ge=0, le=MAX_EPOCHS, description="epochs between reconstruction figures (0 = never)")
     loggers: list[str] = loggers_field()
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
 
@@ -206,7 +218,7 @@ class PretrainSettings(Strict):
 class FinetuneModelSettings(Strict):
     arch: str | None = Field(None, description="timm architecture the --init checkpoint must match, e.g. "
                                                "vit_base_patch16_224; empty = whatever the checkpoint is")
-    img_size: int | None = Field(None, ge=8, description="input side in pixels; empty = the checkpoint's "
+    img_size: int | None = Field(None, ge=8, le=MAX_IMG_SIZE, description="input side in pixels; empty = the checkpoint's "
                                                           "(position embeddings are resampled when it differs)")
     drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate at the last block")
     head_init_std: float = Field(2e-5, gt=0, description="trunc-normal std of the new classifier head")
@@ -217,8 +229,8 @@ class FinetuneDataSettings(Strict):
     val_path: Path | None = Field(None, description="separate validation folder with the same class folders")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of each class held out for validation "
                                                              "when no val_path is given (0 = none)")
-    workers: int = Field(2, ge=0, description="loader processes per device")
-    repeats: int = Field(1, ge=1, description="passes over the training images per epoch (small folders)")
+    workers: int = Field(2, ge=0, le=MAX_WORKERS, description="loader processes per device")
+    repeats: int = Field(1, ge=1, le=MAX_REPEATS, description="passes over the training images per epoch (small folders)")
     crop_scale: CropScale = Field((0.08, 1.0), description="RandomResizedCrop area range")
     hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
     auto_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm RandAugment policy; "
@@ -228,7 +240,7 @@ class FinetuneDataSettings(Strict):
     interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"
     reprob: float = Field(0.25, ge=0, le=1, description="random erasing probability")
     remode: Literal["pixel", "rand", "const"] = Field("pixel", description="random erasing fill")
-    recount: int = Field(1, ge=1, description="random erasing boxes per image")
+    recount: int = Field(1, ge=1, le=MAX_REPEATS, description="random erasing boxes per image")
     eval_crop_fraction: float = Field(0.875, gt=0, le=1, description="eval: resize the short side to "
                                       "img_size / this, then centre crop (224/256 as published)")
 
@@ -265,20 +277,20 @@ class FinetuneOptimSettings(Strict):
 
 
 class FinetuneTrainSettings(SpeedSettings):
-    epochs: int = Field(100, ge=1)
-    batch_size: int = Field(128, ge=1, description="images per device per micro-step")
-    accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    epochs: int = Field(100, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH, description="images per device per micro-step")
+    accum_steps: int = Field(1, ge=1, le=MAX_ACCUM, description="micro-steps per optimizer step")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 on GPUs that have it, fp16 (with loss scaling) on older "
                             "GPUs, fp32 on CPUs")
     device: Device = Field("auto", description="auto, cpu, mps, cuda, cuda:N")
-    seed: int = Field(0, description="run seed: split, augmentations, mixing and drop path derive from it")
-    log_every: int = Field(20, ge=1, description="optimizer steps between logged metrics")
-    eval_every: int = Field(1, ge=0, description="epochs between validation passes (0 = last epoch only)")
-    eval_batch_size: int | None = Field(None, ge=1, description="validation batch; empty = batch_size")
-    checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints "
+    seed: int = Field(0, **SEED_RANGE, description="run seed: split, augmentations, mixing and drop path derive from it")
+    log_every: int = Field(20, ge=1, le=MAX_STEPS, description="optimizer steps between logged metrics")
+    eval_every: int = Field(1, ge=0, le=MAX_EPOCHS, description="epochs between validation passes (0 = last epoch only)")
+    eval_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH, description="validation batch; empty = batch_size")
+    checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS, description="optimizer steps between checkpoints "
                                                        "(0 = at each epoch's end); the last step always")
-    keep_last: int = Field(2, ge=1, description="checkpoints kept")
+    keep_last: int = Field(2, ge=1, le=MAX_KEEP, description="checkpoints kept")
     loggers: list[str] = loggers_field()
 
 
@@ -304,8 +316,8 @@ class FinetuneSettings(Strict):
 
 
 class LinearProbeSettings(Strict):
-    epochs: int = Field(100, ge=1, description="passes over the training features per fit")
-    batch_size: int = Field(256, ge=1)
+    epochs: int = Field(100, ge=1, le=MAX_EPOCHS, description="passes over the training features per fit")
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
     lrs: list[float] = Field([1e-3, 3e-3, 1e-2, 3e-2, 1e-1], min_length=1,
                              description="learning rates swept (AdamW, cosine)")
     weight_decays: list[float] = Field([0.0, 1e-4, 1e-3, 1e-2], min_length=1,
@@ -315,12 +327,12 @@ class LinearProbeSettings(Strict):
 
 
 class FewshotSettings(Strict):
-    way: int | None = Field(5, ge=2, description="classes per episode; empty = all classes")
+    way: int | None = Field(5, ge=2, le=MAX_BATCH, description="classes per episode; empty = all classes")
     shots: list[int] = Field([1, 5], min_length=1, description="labelled examples per class (one "
                                                                "result per value)")
-    queries: int | None = Field(15, ge=1, description="query images per class per episode, from the "
+    queries: int | None = Field(15, ge=1, le=MAX_BATCH, description="query images per class per episode, from the "
                                                       "validation side; empty = all")
-    episodes: int = Field(100, ge=1, description="random episodes; the result is their mean and 95% interval")
+    episodes: int = Field(100, ge=1, le=MAX_STEPS, description="random episodes; the result is their mean and 95% interval")
     classifier: Literal["centroid", "logistic"] = Field("centroid", description="nearest class mean "
                                                         "(cosine), or logistic regression on the support")
 
@@ -333,14 +345,14 @@ class EvaluateSettings(Strict):
     val_path: Path | None = Field(None, description="separate validation folder; else DATA is split")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="share of each class of DATA held out as "
                                                              "validation for the probes")
-    img_size: int | None = Field(None, ge=8, description="input side; empty = the checkpoint's")
+    img_size: int | None = Field(None, ge=8, le=MAX_IMG_SIZE, description="input side; empty = the checkpoint's")
     crop_fraction: float = Field(0.875, gt=0, le=1, description="resize the short side to img_size / this, "
                                                                 "then centre crop")
-    batch_size: int = Field(64, ge=1)
-    workers: int = Field(2, ge=0)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    workers: int = Field(2, ge=0, le=MAX_WORKERS)
     device: Device = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    seed: int = 0
+    seed: int = Field(0, **SEED_RANGE)
     cache: bool = Field(True, description="reuse features cached by an earlier run with the same "
                                           "checkpoint, images and preprocessing")
     knn: KnnSettings = Field(default_factory=KnnSettings)

@@ -41,6 +41,13 @@ def finetune_task(name: str | None, flag: str = "--task") -> FinetuneTaskInfo:
     return FINETUNE_TASKS[name]
 
 
+def command_of(schema: type) -> str | None:
+    """The command whose settings `schema` is (every fine-tuning task's is `finetune`'s)."""
+    if any(info.schema is schema for info in FINETUNE_TASKS.values()):
+        return "finetune"
+    return next((name for name, s in COMMANDS.items() if s is schema), None)
+
+
 def schema_for(command: str, task: str | None = None, flag: str = "command") -> type[Strict]:
     """The settings model of a command (of fine-tuning `task` for `finetune`); `flag` names
     where the command name came from."""

@@ -15,7 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from localmim_cli.engine import atomic
+from localmim_cli.errors import RunDirError
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -45,23 +48,54 @@ def resume_record(changed: dict[str, dict[str, Any]], provenance: dict[str, str]
             "position": position, **extra}
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+RECORDS = ("manifest.json", "settings.provenance.json")
+
+
+class RunRecord(BaseModel):
+    """What a resume needs of manifest.json and settings.provenance.json: a JSON object whose
+    `resumes`, when there, is a list of records. The rest is kept as it is."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    resumes: list[dict[str, Any]] = []
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A run record, validated (RunRecord); None when the file is missing (a run from an older
+    version). A file that is there but broken is refused, naming it, rather than rewritten: it
+    holds how the run was started, which nothing else records."""
+    if not path.exists():
+        return None
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    except (OSError, ValueError) as exc:
+        reason = f"not valid JSON: {exc}"
+    else:
+        try:
+            RunRecord.model_validate(data)
+            return data
+        except ValidationError as exc:
+            reason = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the file'}: {e['msg']}" for e in exc.errors())
+    raise RunDirError(f"{path}: not a readable run record ({reason}); it holds how the run was started, so "
+                      f"--resume does not rewrite it: restore it, or move it out of {path.parent} to start a "
+                      "new one, then --resume again")
+
+
+def check_records(run_dir: Path) -> None:
+    """Refuse a resume before anything is written when a record it appends to is broken."""
+    for name in RECORDS:
+        read_record(run_dir / name)
 
 
 def append_resume(run_dir: Path, settings_json: str, record: dict[str, Any],
                   fresh_manifest: dict[str, Any], fresh_provenance: dict[str, Any]) -> None:
     """Write the continued run's settings.json and append `record` to the `resumes` of
-    manifest.json and settings.provenance.json. A file that is missing or unreadable (a run
-    from an older version, a hand-edited file) is started afresh from `fresh_*`, so the
-    record is never lost."""
+    manifest.json and settings.provenance.json. A missing file (a run from an older version)
+    is started afresh from `fresh_*`; a broken one is refused (`read_record`), never replaced."""
+    check_records(run_dir)   # all read before any is written
     atomic.write_text(run_dir / "settings.json", settings_json)
-    for name, fresh in (("manifest.json", fresh_manifest), ("settings.provenance.json", fresh_provenance)):
-        data = _read(run_dir / name) or {**fresh, "resumes": []}
+    for name, fresh in zip(RECORDS, (fresh_manifest, fresh_provenance)):
+        data = read_record(run_dir / name) or {**fresh, "resumes": []}
         data["resumes"] = [*data.get("resumes", []), record]
         atomic.write_json(run_dir / name, data)
 

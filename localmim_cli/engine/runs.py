@@ -10,7 +10,7 @@ import platform
 import shutil
 import sys
 from importlib.metadata import PackageNotFoundError, version
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ import platformdirs
 import torch
 
 from localmim_cli.version import __version__
-from localmim_cli.engine import atomic
+from localmim_cli.engine import atomic, outputs
+from localmim_cli.engine.outputs import LOCK
 from localmim_cli.plugins import registry
 from localmim_cli.engine.distributed import World
 from localmim_cli.errors import RunDirError
@@ -36,8 +37,7 @@ def default_run_dir(label: str) -> Path:
     return home() / "runs" / f"{label}-{stamp}"
 
 
-LOCK = ".localmim.lock"        # held (flock) by the one process writing into a run directory
-RUN_MARKERS = ("settings.json", "manifest.json", "checkpoints")   # what only a localmim run holds
+# LOCK: held (flock) by the one process writing into a run directory (outputs.py leaves it alone)
 
 
 class RunLock:
@@ -51,8 +51,12 @@ class RunLock:
     def acquire(self) -> "RunLock":
         import fcntl
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunDirError(f"--out {self.run_dir}: cannot be written ({exc.strerror or exc}); "
+                              "pick another --out") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -77,38 +81,30 @@ class RunLock:
         self.release()
 
 
-def _entries(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.name != LOCK] if folder.is_dir() else []
-
-
-def _holds_a_run(folder: Path) -> bool:
-    return any((folder / marker).exists() for marker in RUN_MARKERS)
-
-
-def prepare(out: Path, resume: bool, overwrite: bool) -> RunLock:
-    """Refuse a non-empty folder unless resuming or overwriting a localmim run; --resume needs a
-    checkpoint. Returns the run directory's lock, held: keep it for as long as the run writes."""
+def check(out: Path, resume: bool, overwrite: bool, reads: Iterable[Path | str] = ()) -> bool:
+    """Whether `out` may take this run, changing nothing (a dry run asks this too): a new, empty
+    or writable folder; with --resume, a run that has checkpoints; with --overwrite, only a
+    localmim run directory (engine/outputs.py, the rule every output follows). True when an
+    earlier run is to be replaced."""
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other: pick one")
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out} is a file, not a folder")
     if resume:
+        outputs.refuse_protected(out)
+        if out.exists() and not out.is_dir():
+            raise RunDirError(f"--out {out} is a file, not a folder")
         if not (out / "checkpoints").is_dir():
             raise RunDirError(f"--resume: {out} holds no checkpoints to resume from")
-        return RunLock(out).acquire()
-    entries = _entries(out)
-    if entries and not overwrite:
-        raise RunDirError(f"--out {out} is not empty: pass --resume to continue that run or "
-                          "--overwrite to replace it")
-    if entries and not _holds_a_run(out):
-        raise RunDirError(f"--overwrite: {out} is not a localmim run directory (no {', '.join(RUN_MARKERS)}); "
-                          "refusing to delete it: pick an empty or new --out")
+        return False
+    return outputs.check_folder(out, outputs.RUN, overwrite, reads=reads)
+
+
+def prepare(out: Path, resume: bool, overwrite: bool, reads: Iterable[Path | str] = ()) -> RunLock:
+    """Claim `out` for a run as `check` allows, clearing an earlier run it replaces. Returns the
+    run directory's lock, held: keep it for as long as the run writes."""
+    replace = check(out, resume, overwrite, reads)
     lock = RunLock(out).acquire()   # before deleting: never clear a folder another run writes in
-    for entry in entries:
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+    if replace:
+        outputs.clear_folder(out)
     return lock
 
 
@@ -127,12 +123,14 @@ def removed_if_start_fails(out: Path, is_main: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def claimed(out: Path, resume: bool, overwrite: bool, is_main: bool, say: Any) -> Iterator[None]:
+def claimed(out: Path, resume: bool, overwrite: bool, is_main: bool, say: Any,
+            reads: Iterable[Path | str] = ()) -> Iterator[None]:
     """The run directory, for as long as the run writes: prepared and locked by the main process
     (the one process that writes; `prepare`), and removed again if the start fails
-    (`removed_if_start_fails`). The lock is released before a failed start's folder is removed."""
+    (`removed_if_start_fails`). The lock is released before a failed start's folder is removed.
+    reads: what the run reads (a fine-tune's --init), which it never writes over or inside."""
     with removed_if_start_fails(out, is_main):
-        lock = prepare(out, resume, overwrite) if is_main else contextlib.nullcontext()
+        lock = prepare(out, resume, overwrite, reads) if is_main else contextlib.nullcontext()
         if is_main:
             say(f"run directory: {out}")
         with lock:

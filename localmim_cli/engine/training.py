@@ -76,6 +76,7 @@ def checked_resume(run_dir: Path, resume: bool, settings: Any, allowed: set[str]
     if not isinstance(saved, dict):
         raise CheckpointError(f"{ckpt.path / 'meta.json'}: no settings recorded, so the run cannot be resumed")
     check_resume_compatible(saved, settings.model_dump(mode="json"), allowed)
+    resumes.check_records(run_dir)   # the records the resume appends to: refused now if broken
     return ckpt
 
 

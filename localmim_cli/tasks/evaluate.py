@@ -10,7 +10,8 @@ Protocols:
 Probes split DATA into train and validation (`--val-fraction`, seeded and stratified), or take
 validation from `--val DIR`. Results go to a table on the terminal and to JSON: one new file per
 evaluation, `<run dir>/evaluations/<UTC time>-<protocol>.json` (`./evaluations/...` for a checkpoint
-outside a run), so a rerun never overwrites an earlier result; or the file `--out` names.
+outside a run), so a rerun never overwrites an earlier result; or the file `--out` names (replaced
+only with `--overwrite`, and only when it is an earlier results file: engine/outputs.py).
 """
 
 from __future__ import annotations
@@ -79,23 +80,27 @@ def classifier_split(weights: "EncoderWeights", data: Path, settings: "EvaluateS
 
 
 def run_evaluation(checkpoint: Path, data: Path, settings: "EvaluateSettings", console: "Console",
-                   out: Path | None = None) -> tuple[dict[str, Any], Path]:
-    """Evaluate, write the JSON, return (results, path written)."""
+                   out: Path | None = None, overwrite: bool = False) -> tuple[dict[str, Any], Path]:
+    """Evaluate, write the JSON, return (results, path written). An existing `out` is replaced
+    only when it is an earlier results file of localmim's and `overwrite` is set."""
     import torch
 
     from localmim_cli.version import __version__
-    from localmim_cli.engine import atomic
+    from localmim_cli.engine import atomic, outputs
     from localmim_cli.engine.distributed import World, choose_device
     from localmim_cli.weights.sources import load_encoder_weights, reference_feature_model
     from localmim_cli.tasks.features import FeatureCache, cache_dir_for, features_for, labelled_split, split_record
     from localmim_cli.engine.loop import resolve_precision
 
+    if out is not None:   # before any work: an --out that will be refused costs nothing
+        outputs.check_file(out, outputs.EVALUATION, overwrite)
     weights = load_encoder_weights(checkpoint)
     protocol = choose_protocol(settings.protocol, weights)
     device = choose_device(settings.device, World())
     precision = resolve_precision(settings.precision, device)
     img_size = settings.img_size or native_img_size(weights)
     results: dict[str, Any] = {
+        outputs.WRITTEN_BY: outputs.mark("evaluate"),   # what lets a later --overwrite replace this file
         "protocol": protocol, "checkpoint": str(checkpoint), "checkpoint_kind": weights.kind,
         "model": weights.shape.describe() if weights.shape.depth else weights.encoder_name,
         "img_size": img_size, "crop_fraction": settings.crop_fraction, "seed": settings.seed,
@@ -143,6 +148,7 @@ def run_evaluation(checkpoint: Path, data: Path, settings: "EvaluateSettings", c
         results.update(_run_probe(protocol, train_f, train_y, val_f, val_y, split.classes, settings, device))
 
     path = out or default_output(weights, protocol)
+    outputs.check_file(path, outputs.EVALUATION, overwrite)   # still so after the work
     atomic.write_json(path, results)
     return results, path
 
@@ -207,7 +213,8 @@ def print_results(results: dict[str, Any], path: Path, console: "Console") -> No
 
 
 def evaluate(checkpoint: Path | str, data: Path | str, settings: "EvaluateSettings | None" = None,
-             out: Path | str | None = None, console: "Console | None" = None) -> tuple[dict[str, Any], Path]:
+             out: Path | str | None = None, console: "Console | None" = None,
+             overwrite: bool = False) -> tuple[dict[str, Any], Path]:
     """Evaluate a checkpoint on a labelled folder; returns (results, the JSON file written)."""
     from rich.console import Console
 
@@ -215,4 +222,4 @@ def evaluate(checkpoint: Path | str, data: Path | str, settings: "EvaluateSettin
 
     console = console or Console(soft_wrap=True)
     return run_evaluation(Path(checkpoint), Path(data), settings or EvaluateSettings(), console,
-                          Path(out) if out is not None else None)
+                          Path(out) if out is not None else None, overwrite)

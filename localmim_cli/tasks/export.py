@@ -108,17 +108,17 @@ def export_encoder(checkpoint: Path, out: Path, *, with_head: bool = False, over
                    probe_batch: int = 4, seed: int = 0) -> dict[str, Any]:
     """Write the export, verified; returns a report (arch, model_args, diffs, the files)."""
     import torch
-    from localmim_cli.engine import atomic
+    from localmim_cli.engine import atomic, outputs
     from localmim_cli.weights import via_timm
     from localmim_cli.weights.sources import load_encoder_weights, reference_feature_model, require_vit
 
+    out = Path(out)
+    # before the weights are read: nothing is computed for an --out that will be refused
+    outputs.check_folder(out, outputs.EXPORT, overwrite, reads=[checkpoint])
     weights = load_encoder_weights(checkpoint)
     plugin = via_timm.is_plugin_checkpoint(weights)
     if not plugin:
         require_vit(weights, "export")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
     has_head = weights.has_head
     if with_head and not has_head:
         raise ExportError(f"--with-head: {weights.source} is a {weights.kind} checkpoint without a "
@@ -152,8 +152,9 @@ def export_encoder(checkpoint: Path, out: Path, *, with_head: bool = False, over
                               f"(tolerance {TOLERANCE:g}; {detail}); nothing was written")
         config["localmim"]["verified_max_abs_diff"] = worst
         atomic.write_json(tmp / "config.json", config)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        outputs.check_folder(out, outputs.EXPORT, overwrite, reads=[checkpoint])   # still so after the work
+        if out.is_dir():   # empty, or an earlier export: what check_folder allows
+            shutil.rmtree(out)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -174,7 +175,7 @@ def _vit_model(weights, num_classes: int, with_head: bool):
     model_args = timm_model_args(shape, weights.pooling, num_classes)
     model = create_vit(shape, num_classes=num_classes, pooling=weights.pooling, arch=arch).eval()
     state = {k: v for k, v in weights.state.items() if with_head or not k.startswith("head.")}
-    load_exactly(model, state, weights.source)
+    load_exactly(model, state, weights.file)
     return model, arch, model_args, config_for(weights, arch, model_args, num_classes), shape.describe()
 
 

@@ -163,8 +163,13 @@ def compose(rows: list[list[Panel]], panel_px: int, header: list[str]) -> tuple[
     return canvas, layout
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    """PNG without metadata (no time, no text chunks): identical inputs give identical bytes."""
+def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """PNG with no time in it, and only the given text chunks: identical inputs give identical bytes."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    image.save(buffer, format="PNG", optimize=False, compress_level=6, pnginfo=info)
     return buffer.getvalue()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localmim_cli.config.tasks import finetune_task
-from localmim_cli.errors import UsageError
+from localmim_cli.errors import CheckpointError, NonFiniteWeights, UsageError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -49,7 +49,11 @@ def preflight(settings: Any, resume: bool) -> tuple[Any, EncoderWeights | None, 
     data = recipe.read_data(settings)
     if resume:
         return data, None, None
-    weights = load_encoder_weights(settings.init) if settings.init else None
+    try:
+        weights = load_encoder_weights(settings.init) if settings.init else None
+    except NonFiniteWeights as exc:   # not a divergence: the run would start from them
+        raise CheckpointError(f"--init {settings.init}: the initial weights are not finite: {exc.file} holds "
+                              f"{exc.detail}; pass a checkpoint saved before its run diverged") from None
     return data, weights, recipe.model_shape(settings, weights)
 
 
@@ -114,7 +118,8 @@ def finetune(resolved: Resolved, run_dir: Path | str, *, resume: bool = False, o
     run_dir = Path(run_dir)
     _, weights, _ = preflight(resolved.settings, resume)
     is_main = distributed.from_environment().is_main
-    with runs.claimed(run_dir, resume, overwrite, is_main, console.print):
+    init = resolved.settings.init
+    with runs.claimed(run_dir, resume, overwrite, is_main, console.print, reads=[init] if init else []):
         return run(resolved, run_dir, resume, console, weights)
 
 

@@ -289,6 +289,7 @@ def write_figure(model: "LocalMIM", images: list["PreparedImage"], masks: "torch
                  header: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run, draw, and write out_png and its sidecar (same name, .json), atomically. Returns the sidecar."""
     from localmim_cli.engine import atomic
+    from localmim_cli.engine.outputs import WRITTEN_BY, mark
     from localmim_cli.tasks.figure import compose, png_bytes
 
     out_png = Path(out_png)
@@ -303,6 +304,7 @@ def write_figure(model: "LocalMIM", images: list["PreparedImage"], masks: "torch
     panel_px *= -(-MIN_PANEL_PX // panel_px)  # small models: whole-number zoom to a legible size
     figure, layout = compose(rows, panel_px, lines)
     sidecar = {
+        WRITTEN_BY: mark("visualize"),   # what lets a later --overwrite replace this figure
         "figure": out_png.name,
         "checkpoint": None,
         "source": source,
@@ -324,7 +326,7 @@ def write_figure(model: "LocalMIM", images: list["PreparedImage"], masks: "torch
                    for r in results],
         **(extra or {}),
     }
-    atomic.write_bytes(out_png, png_bytes(figure))
+    atomic.write_bytes(out_png, png_bytes(figure, {WRITTEN_BY: mark("visualize")}))
     atomic.write_json(out_png.with_suffix(".json"), sidecar)
     return sidecar
 
@@ -355,29 +357,52 @@ def write_progress_figure(model, image_paths: list[Path], out_png: Path, seed: i
         model.train(was_training)
 
 
-def default_out(checkpoint: Path) -> Path:
-    """RUN/figures/reconstruction.png for a run directory, else ./reconstruction.png."""
+def default_out(checkpoint: Path, overwrite: bool = False) -> Path:
+    """RUN/figures/reconstruction.png for a run directory, else ./reconstruction.png; when that
+    figure (or its sidecar) exists, the first free reconstruction-N.png, as evaluate names its
+    results: a rerun never replaces an earlier figure unless --overwrite says so."""
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir() and (checkpoint / "checkpoints").is_dir():
-        return checkpoint / "figures" / DEFAULT_FIGURE
-    return Path.cwd() / DEFAULT_FIGURE
+        first = checkpoint / "figures" / DEFAULT_FIGURE
+    else:
+        first = Path.cwd() / DEFAULT_FIGURE
+    path, n = first, 1
+    while not overwrite and (path.exists() or path.with_suffix(".json").exists()):
+        n += 1
+        path = first.with_name(f"{first.stem}-{n}{first.suffix}")
+    return path
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """The figure and its sidecar may be written at `out` (engine/outputs.py: a new file, or, with
+    --overwrite, an earlier figure of localmim's; never inside checkpoints); a PNG name."""
+    from localmim_cli.engine import outputs
+
+    outputs.check_file(out, outputs.FIGURE, overwrite)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: the figure is a PNG; name it FIG.png (its sidecar FIG.json goes beside it)")
+    outputs.check_file(out.with_suffix(".json"), outputs.FIGURE_SIDECAR, overwrite,
+                       flag=f"--out {out}: its sidecar")
 
 
 
 
 def visualize(checkpoint: Path | str, images: list[Path | str] | None = None, out: Path | str | None = None,
               seed: int | None = None, mask_from: Path | str | None = None, mask_ratio: float | None = None,
-              device: str = "cpu") -> tuple[Path, dict[str, Any]]:
+              device: str = "cpu", overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
     """Draw what every scale reconstructs: input, mask, and per scale the target next to the prediction.
 
     Writes one PNG (a row per image) and a JSON sidecar with each image's mask and per-scale
-    loss; returns (the PNG's path, the sidecar's content).
+    loss; returns (the PNG's path, the sidecar's content). An existing `out` is replaced only
+    when it is an earlier figure of localmim's and `overwrite` is set.
     """
     import torch
 
     from localmim_cli.data.prepared import find_images
 
     checkpoint = Path(checkpoint)
+    out = Path(out) if out is not None else default_out(checkpoint, overwrite)
+    check_out(out, overwrite)
     mask_from = Path(mask_from) if mask_from is not None else None
     if mask_from is not None and seed is not None:
         raise UsageError("give --seed or --mask-from, not both: --mask-from replays saved masks")
@@ -404,7 +429,6 @@ def visualize(checkpoint: Path | str, images: list[Path | str] | None = None, ou
         masks = seeded_masks(seed, len(prepared), model.num_units,
                              model.mask_ratio if mask_ratio is None else mask_ratio)
     ratio = None if mask_from is not None else (model.mask_ratio if mask_ratio is None else mask_ratio)
-    out = Path(out) if out is not None else default_out(checkpoint)
     model.to(torch_device)
     sidecar = write_figure(model, prepared, masks, out, source=source,
                            target_name=settings["model"]["target"]["name"],

@@ -1,8 +1,13 @@
 """Weights into a model, every key placed: the one way this program loads a state dict.
 
 `load_state_dict(strict=True)` stops at the first problem with a RuntimeError a user cannot act
-on; here every key of the model and of the file is compared first (names and shapes), and a
+on; here every key of the model and of the file is compared first (names, shapes, and whether a
+float belongs where the file holds an integer: `load_state_dict` would cast it silently), and a
 mismatch is a CheckpointError naming the source and the first keys of each kind.
+
+Every weights file is checked for NaN and infinity as it is read (`check_finite`, called by
+`read_safetensors` and published.read_published): weights that are not finite are refused
+naming the file, for every command, instead of giving NaN losses, features or results.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from localmim_cli.errors import CheckpointError
+from localmim_cli.errors import CheckpointError, NonFiniteWeights
 
 if TYPE_CHECKING:
     import torch
@@ -28,9 +33,21 @@ def read_safetensors(path: Path | str) -> "dict[str, torch.Tensor]":
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except Exception as exc:   # safetensors raises its own error types on a broken file
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or damaged: {exc})") from None
+    check_finite(state, path)
+    return state
+
+
+def check_finite(state: "dict[str, torch.Tensor]", path: Path | str) -> None:
+    """NonFiniteWeights naming `path` when a floating-point tensor holds NaN or infinity."""
+    import torch
+
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteWeights(path, f"NaN or infinite values in {len(bad)} of {len(state)} tensors, "
+                                     f"such as {_first(sorted(bad))}")
 
 
 @dataclass
@@ -40,15 +57,17 @@ class KeyReport:
     missing: list[str] = field(default_factory=list)      # the model's, not in the state
     unexpected: list[str] = field(default_factory=list)   # in the state, not in the model
     shapes: list[str] = field(default_factory=list)       # in both, shaped differently
+    dtypes: list[str] = field(default_factory=list)       # an integer (or bool) where the model has a float
 
     def __bool__(self) -> bool:
-        return bool(self.missing or self.unexpected or self.shapes)
+        return bool(self.missing or self.unexpected or self.shapes or self.dtypes)
 
     def raise_if_incomplete(self, source: Path | str) -> None:
         if self:
             raise CheckpointError(f"{source}: keys do not match the model: " + "; ".join(
                 f"{what} {_first(keys)}" for what, keys in
-                (("missing", self.missing), ("unexpected", self.unexpected), ("shapes differ", self.shapes))
+                (("missing", self.missing), ("unexpected", self.unexpected), ("shapes differ", self.shapes),
+                 ("not floating point", self.dtypes))
                 if keys))
 
 
@@ -65,7 +84,10 @@ def compare(model: "torch.nn.Module", state: "dict[str, torch.Tensor]",
         missing=sorted(k for k in expected if k not in state and not k.startswith(allow_missing)),
         unexpected=sorted(k for k in state if k not in expected),
         shapes=sorted(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                      for k in state if k in expected and state[k].shape != expected[k].shape))
+                      for k in state if k in expected and state[k].shape != expected[k].shape),
+        dtypes=sorted(f"{k} {state[k].dtype} vs {expected[k].dtype}".replace("torch.", "")
+                      for k in state if k in expected and expected[k].is_floating_point()
+                      and not state[k].is_floating_point()))
 
 
 def load_exactly(model: "torch.nn.Module", state: "dict[str, torch.Tensor]", source: Path | str,

@@ -13,6 +13,12 @@
 Anything else is refused here with a CheckpointError naming the path and listing what is
 accepted. Which of these a command can use is the command's business (visualize needs
 decoders, export an encoder); this module only says what is there.
+
+Every command reads a run's checkpoints through here, so the run's rules live here too: a
+checkpoint folder of a run (reached through latest.json, the newest step-*, or named as
+checkpoints/step-N or checkpoints/best) must lie, symlinks followed, inside that run's
+checkpoints/ folder, files included (`_contained`); and meta.json is validated like user input
+(`CheckpointMeta`: its position, kind and settings), a broken one a CheckpointError naming it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from localmim_cli.errors import CheckpointError
 
@@ -115,6 +123,47 @@ def _ours(folder: Path) -> bool:
         or (folder / "meta.json").is_file()
 
 
+class Position(BaseModel):
+    """Where a checkpoint stands in its run (engine.task.Position): whole numbers, none negative."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    epoch: int = Field(0, ge=0)
+    micro_step: int = Field(0, ge=0)
+    step: int = Field(0, ge=0)
+
+
+class CheckpointMeta(BaseModel):
+    """What meta.json must hold for a command to use it; the rest (classes, timm, ...) the task
+    that wrote it reads back."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    format: int | None = None
+    kind: str = "pretrain"
+    position: Position | None = None
+    settings: dict[str, Any] | None = None
+
+
+def read_meta(meta_file: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json, validated (CheckpointMeta); a CheckpointError naming the file
+    and the entry when it is not what this program writes."""
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{meta_file}: unreadable metadata ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file}: unreadable metadata (not a JSON object)")
+    try:
+        CheckpointMeta.model_validate(meta)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: missing" if e["type"] == "missing" else
+                             f"{'.'.join(map(str, e['loc']))} = {e['input']!r}: {e['msg']}" for e in exc.errors())
+        raise CheckpointError(f"{meta_file}: not valid checkpoint metadata ({problems}); the checkpoint cannot "
+                              "be used: restore the file, or use another checkpoint") from None
+    return meta
+
+
 def checkpoint_folder(path: Path | str) -> CheckpointFolder:
     """One of our checkpoints: a run directory's latest, a checkpoints/ folder's latest, a
     checkpoint folder, or its model.safetensors. CheckpointError when `path` is none of these."""
@@ -127,17 +176,30 @@ def checkpoint_folder(path: Path | str) -> CheckpointFolder:
     if (path / LATEST).is_file() or path.name == "checkpoints":
         given_as = "run" if given_as == "run" else "checkpoints"
         path = path / _latest(path)
+    if path.parent.name == "checkpoints":   # a run's checkpoint: it reads nothing outside the run
+        _contained(path, path.parent)
     meta_file = path / "meta.json"
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: not a localmim checkpoint (no meta.json); pass a run directory, its "
                               "checkpoints/ folder, a checkpoint folder (checkpoints/step-N) or its model.safetensors")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{meta_file}: unreadable metadata ({exc})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{meta_file}: unreadable metadata (not a JSON object)")
-    return CheckpointFolder(given, given_as, path, meta)
+    return CheckpointFolder(given, given_as, path, read_meta(meta_file))
+
+
+CHECKPOINT_FILES = ("meta.json", "model.safetensors", "training.pt")
+
+
+def _contained(folder: Path, checkpoints: Path) -> None:
+    """Refuse a checkpoint folder of a run, or a file in it, that leads (through a symlink)
+    outside the run's checkpoints/ folder: another run's weights are never read as this run's."""
+    root = checkpoints.resolve()
+    for item in (folder, *(folder / name for name in CHECKPOINT_FILES)):
+        if not (item.exists() or item.is_symlink()):
+            continue
+        real = item.resolve()
+        if root not in real.parents:
+            raise CheckpointError(f"{item}: leads outside {checkpoints} (to {real}); a run's checkpoints are "
+                                  "read only from its own checkpoints/ folder: replace the link with the "
+                                  f"checkpoint itself, or pass {real} directly")
 
 
 def read_latest(checkpoints: Path) -> str | None:

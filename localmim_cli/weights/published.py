@@ -23,7 +23,7 @@ import torch
 from localmim_cli.config.schema import DecoderSettings, ModelSettings, PluginChoice
 from localmim_cli.encoders.vit import VIT_ARCHS, default_vit_taps
 from localmim_cli.errors import CheckpointError
-from localmim_cli.weights.loading import KeyReport, compare, read_safetensors
+from localmim_cli.weights.loading import KeyReport, check_finite, compare, read_safetensors
 
 SAFE_GLOBALS = [argparse.Namespace]
 
@@ -53,7 +53,9 @@ def read_published(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
     state = obj.get("model", obj)
     args = obj.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, args
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    check_finite(state, path)
+    return state, args
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,6 +100,11 @@ class EncoderWeights:
     meta: dict[str, Any] = field(default_factory=dict)
     encoder_name: str = "vit"          # the pretraining encoder plugin (pretrain kind, published Swin)
 
+    @property
+    def file(self) -> Path:
+        """The file the weights were read from (what a problem with them names), else the source."""
+        return self.model_file or self.source
+
     def identity(self) -> dict[str, Any]:
         """What identifies these weights for a feature cache: the file, its size and mtime."""
         f = self.model_file
@@ -407,7 +412,7 @@ def reference_feature_model(weights: EncoderWeights, img_size: int | None = None
                        pooling=weights.pooling)
     state = {k: v for k, v in fit_positions(weights.state, weights.shape, size).items()
              if not k.startswith("head.")}
-    load_exactly(model, state, weights.source)
+    load_exactly(model, state, weights.file)
     return _TimmFeatures(model).eval()
 
 
@@ -425,7 +430,7 @@ def classifier_model(weights: EncoderWeights, img_size: int) -> torch.nn.Module:
         return via_timm.finetuned_from_weights(weights)
     shape = dataclasses.replace(weights.shape, img_size=img_size)
     model = create_vit(shape, num_classes=len(weights.classes or []), pooling=weights.pooling)
-    load_exactly(model, fit_positions(weights.state, weights.shape, img_size), weights.source)
+    load_exactly(model, fit_positions(weights.state, weights.shape, img_size), weights.file)
     return model
 
 
@@ -451,7 +456,7 @@ class _PretrainFeatures(torch.nn.Module):
             raise ModelError(f"img_size {img_size}: features of a pretrained encoder are taken at its "
                              f"pretraining size {settings.img_size}; leave img_size unset")
         self.encoder = build_model(settings).encoder
-        load_exactly(self.encoder, _own_encoder_state(weights), weights.source)
+        load_exactly(self.encoder, _own_encoder_state(weights), weights.file)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder.forward_features(images)

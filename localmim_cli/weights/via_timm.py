@@ -80,7 +80,7 @@ def pretrained_timm(weights: "EncoderWeights") -> "torch.nn.Module":
     record = plugin_record(weights)
     name = record["encoder"]["name"]
     encoder = build_encoder(record)
-    load_exactly(encoder, weights.state, weights.source)
+    load_exactly(encoder, weights.state, weights.file)
     return to_timm(encoder.eval(), name)
 
 
@@ -198,7 +198,7 @@ def init_classifier(shape: PluginShape, weights: "EncoderWeights | None", num_cl
     if weights is None or weights.pretrained_encoder:
         encoder = build_encoder(shape.record)
         if weights is not None:
-            load_exactly(encoder, weights.state, weights.source)
+            load_exactly(encoder, weights.state, weights.file)
         model = to_timm(encoder, name)
     else:
         model = finetuned_timm(shape.record, len(weights.classes or []), weights.state, weights.source)

@@ -24,7 +24,7 @@ from localmim_cli.data.images import generator_for, load_rgb
 from localmim_cli.data.sample_photos import SAMPLE_PHOTOS_CREDIT, sample_photo_paths
 
 OBJECTS = ("astronaut", "chelsea", "coffee")       # the classes after "background"
-BACKGROUNDS = ("rocket", "hubble_deep_field", "retina")
+BACKGROUNDS = ("rocket", "hubble_deep_field")
 OTHER = "ihc"                                       # ADE20K layout: label 0, "other"
 CLASSES = ["background", "astronaut", "cat", "coffee"]
 
@@ -50,7 +50,7 @@ def _shape_mask(size: int, gen) -> Image.Image:
     """A disc, a rectangle or a triangle (255 inside) somewhere in a size x size frame."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
-    w, h = (int(_rand(gen, 0.25, 0.55) * size) for _ in range(2))
+    w, h = (int(_rand(gen, 0.3, 0.6) * size) for _ in range(2))
     x, y = int(_rand(gen, 0, size - w)), int(_rand(gen, 0, size - h))
     kind = int(_rand(gen, 0, 3))
     if kind == 0:

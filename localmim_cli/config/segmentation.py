@@ -73,9 +73,9 @@ class SegDataSettings(Strict):
 
 
 class SegOptimSettings(Strict):
-    base_lr: float = Field(6.4e-3, gt=0, le=MAX_LR, description="lr per 256 images when optim.lr is empty "
-                           "(6.4e-3 gives the published 4e-4 at 16 images per step)")
-    lr: float | None = Field(4e-4, gt=0, le=MAX_LR, description="absolute peak lr (published 4e-4 for ViT-B)")
+    base_lr: float = Field(6.4e-3, gt=0, le=MAX_LR, description="peak lr per 256 images: lr = base_lr x "
+                           "effective batch / 256 (6.4e-3 gives the published ViT-B 4e-4 at 16 images per step)")
+    lr: float | None = Field(None, gt=0, le=MAX_LR, description="absolute peak lr; overrides base_lr scaling when set")
     min_lr: float = Field(0.0, ge=0, description="where the poly decay ends")
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = Field((0.9, 0.999))

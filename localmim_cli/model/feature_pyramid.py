@@ -119,6 +119,8 @@ def _kind(name: str) -> str:
     the pyramid's levels as one."""
     if name.startswith("levels."):
         return "levels.* (pyramid)"
+    if name.startswith("norms."):
+        return "norms.* (a LayerNorm per stage)"
     return re.sub(r"\.\d+(?=\.|$)", ".*", name)
 
 
@@ -322,12 +324,18 @@ def build_pyramid(spec: PyramidSpec, *, taps: list[int] | None = None, drop_path
 
 
 def _stage_model(record: dict[str, Any], img_size: int, drop_path: float) -> nn.Module:
-    """The timm stage model at the crop size, taking any input size (timm pads to windows),
-    with the run's drop path."""
+    """The timm stage model at the crop size with the run's drop path. A Swin takes any input
+    size and keeps its pretrained window everywhere, padding a grid the windows do not divide
+    (`always_partition`), as the published segmentation backbone does: timm would otherwise
+    shrink the window of a stage whose grid is smaller than it."""
     import timm
 
-    args = {**record["model_args"], "img_size": img_size, "drop_path_rate": drop_path, "strict_img_size": False}
-    return timm.create_model(record["architecture"], pretrained=False, num_classes=0, **args)
+    args = {**record["model_args"], "img_size": img_size, "drop_path_rate": drop_path}
+    try:
+        return timm.create_model(record["architecture"], pretrained=False, num_classes=0, strict_img_size=False,
+                                 always_partition=True, **args)
+    except TypeError:   # not a Swin: its own fixed-size model
+        return timm.create_model(record["architecture"], pretrained=False, num_classes=0, **args)
 
 
 def _stage_model_from(weights: EncoderWeights) -> nn.Module:

@@ -63,7 +63,7 @@ def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8 -> (h, w, 3) uint8, bilinear (OpenCV's INTER_LINEAR: no antialiasing)."""
     if tuple(image.shape[:2]) == tuple(hw):
         return image
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float()
     y = F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
     return y[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
@@ -101,7 +101,7 @@ def crop_offsets(mask: np.ndarray, crop: int, cat_max_ratio: float, generator: t
 
 def normalize(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32, ImageNet mean and std."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255)
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
     return (x - mean) / std
@@ -109,7 +109,7 @@ def normalize(image: np.ndarray) -> torch.Tensor:
 
 def pad_to(image: torch.Tensor, mask: np.ndarray, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad bottom and right to side x side: the image with 0 (after normalization), the mask with IGNORE."""
-    labels = torch.from_numpy(np.ascontiguousarray(mask)).long()
+    labels = torch.from_numpy(np.require(mask, requirements=["C", "W"])).long()
     h, w = labels.shape
     if h < side or w < side:
         image = F.pad(image, (0, side - w, 0, side - h), value=0.0)

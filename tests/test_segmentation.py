@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import TINY_TOML, run_cli
+from localmim_cli.errors import UsageError
 from segmentation_photos import CLASSES, make_ade20k_set, make_pairs_set
 from tiny_runs import invoke, run_main, shared
 
@@ -217,3 +218,17 @@ def test_a_published_localmim_vit_starts_a_run_with_every_encoder_weight(scenes,
     assert ("new: aux_head.*, decode_head.*, encoder.blocks.*.attn.relative_position_bias_table, "
             "encoder.blocks.*.gamma_1, encoder.blocks.*.gamma_2, levels.* (pyramid)") in line
     assert "positions resampled 14^2 -> 4^2" in line
+
+
+def test_the_python_api_takes_the_task(encoder, scenes, tmp_path):
+    import localmim_cli as lm
+
+    small = {"model.img_size": 64, "data.scale": [128, 64], "model.decoder_channels": 16, "model.aux_channels": 8,
+             "val.stride": 43, "val.every": 0, "train.batch_size": 4, "data.workers": 0, "train.device": "cpu",
+             "train.loggers": []}
+    run = lm.finetune(scenes, init=encoder, task="segmentation", preset="seg-small", out=tmp_path / "api",
+                      settings=small, train__iterations=2, quiet=True)
+    assert json.loads((run / "settings.json").read_text())["task"] == "segmentation"
+    assert [r["step"] for r in rows(run, "val")] == [2]
+    with pytest.raises(UsageError, match="--preset ft-small is for 'classification'"):
+        lm.finetune(scenes, init=encoder, task="segmentation", preset="ft-small", out=tmp_path / "no")

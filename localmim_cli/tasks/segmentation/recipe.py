@@ -117,7 +117,8 @@ class SegmentationTask(ValidatedTask):
         from localmim_cli.tasks.segmentation.augment import SegAugment
         from localmim_cli.tasks.segmentation.data import SegTrainSamples
 
-        if placement.world.distributed:   # the published SyncBN: batch statistics over all processes
+        if placement.world.distributed and placement.device.type == "cuda":
+            # the published SyncBN: batch statistics over all GPUs (torch has it for CUDA only)
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         super().__init__(settings, model, init_record, placement, run_dir)
         d = settings.data

@@ -232,3 +232,20 @@ def test_the_python_api_takes_the_task(encoder, scenes, tmp_path):
     assert [r["step"] for r in rows(run, "val")] == [2]
     with pytest.raises(UsageError, match="--preset ft-small is for 'classification'"):
         lm.finetune(scenes, init=encoder, task="segmentation", preset="ft-small", out=tmp_path / "no")
+
+
+def test_a_swin_encoder_segments_through_its_four_stages(scenes, tmp_path):
+    swin = ["--set", "model.encoder.options.embed_dim=16", "--set", "model.encoder.options.num_heads=[1,1,2,2]",
+            "--set", "model.decoder.width=[16,16,16,16]", "--set", "model.decoder.num_heads=2",
+            "--set", "train.batch_size=8", "--set", "data.workers=0", "--set", "train.epochs=1",
+            "--set", "optim.warmup_epochs=1", "--set", "train.visualize_every=0", "--set", "train.loggers=[]",
+            "--device", "cpu", "--precision", "fp32"]
+    invoke("pretrain", "--preset", "swin-demo", *swin, "--out", tmp_path / "swin")
+    out = invoke("finetune", scenes, "--task", "segmentation", "--init", tmp_path / "swin", *SMALL, "--iterations", 2,
+                 "--set", "val.every=0", "--set", "model.decoder_channels=16", "--out", tmp_path / "seg")
+    assert "swin_tiny_patch4_window7_224 stages, 64 px crops" in out
+    line = next(line for line in out.splitlines() if line.startswith("init "))
+    assert "new: aux_head.*, decode_head.*, norms.* (a LayerNorm per stage)" in line
+    state = load_file(str(tmp_path / "seg" / "checkpoints" / "step-00000002" / "model.safetensors"))
+    assert [tuple(state[f"pyramid.norms.{k}.weight"].shape) for k in range(4)] == [(16,), (32,), (64,), (128,)]
+    assert rows(tmp_path / "seg", "val")[0]["step"] == 2

@@ -78,6 +78,11 @@ def finetune(
     from localmim_cli.tasks import finetune as fine_tuning
 
     schema = finetune_task(choose_task(task, preset, config, out if resume else None)).schema
+    counts = schema.model_fields["train"].annotation.model_fields
+    for flag, value, field, other in (("--epochs", epochs, "epochs", "--iterations"),
+                                      ("--iterations", iterations, "iterations", "--epochs")):
+        if value is not None and field not in counts:
+            raise UsageError(f"{flag}: this task's runs are counted in {other[2:]}, not {field}; use {other}")
     flags = {"task": task, "data.path": str(data) if data else None, "init": str(init) if init else None,
              "data.val_path": str(val) if val else None, "data.val_fraction": val_fraction,
              "train.epochs": epochs, "train.iterations": iterations, "train.batch_size": batch_size, "train.accum_steps": accum_steps,

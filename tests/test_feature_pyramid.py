@@ -117,7 +117,8 @@ def test_poly_schedule_with_linear_warmup_is_mmcvs():
 
 
 def test_layer_decay_groups_follow_beits_constructor():
-    from localmim_cli.tasks.segmentation.model import Segmenter, layer_decay_groups
+    from localmim_cli.engine.param_groups import layer_decay_groups
+    from localmim_cli.tasks.segmentation.model import Segmenter
 
     model = Segmenter(ViTPyramid(ViTShape(32, 8, 32, 4, 2), 32), 3, decoder_channels=16, aux_channels=8)
     groups = layer_decay_groups(model, 0.05, 0.5, no_decay_1d=True, no_decay_names=[])

@@ -120,6 +120,19 @@ def test_resume_of_a_segmentation_run_is_exact(encoder, ade_scenes, tmp_path):
     assert meta["kind"] == "segmentation" and meta["classes"] == CLASSES
     assert meta["segmenter"]["reduce_zero_label"] is True          # the ADE20K layout: 0 is "other"
 
+    # The best checkpoint rebuilds for inference, and scores its own validation images as the run did.
+    from localmim_cli.engine.loop import Placement
+    from localmim_cli.engine.distributed import from_environment
+    from localmim_cli.tasks.segmentation.data import read_seg_data
+    from localmim_cli.tasks.segmentation.metric import scores
+    from localmim_cli.tasks.segmentation.recipe import segmenter_from_checkpoint, validation_confusion
+
+    model, settings, classes = segmenter_from_checkpoint(whole / "checkpoints" / "best")
+    data = read_seg_data(settings.data, settings.train.seed, classes)
+    matrix = validation_confusion(model, data, settings, Placement(from_environment(), torch.device("cpu"), "fp32"))
+    best = json.loads((whole / "manifest.json").read_text())["best"]
+    assert scores(matrix, classes)["mIoU"] == pytest.approx(best["val_mIoU"], abs=1e-9)
+
 
 def test_dry_run_of_the_published_recipe_on_an_ade20k_shaped_folder(tmp_path):
     ade = make_ade20k_set(tmp_path / "ADEChallengeData2016", 6, 2, 96, ade_ids=(3, 13, 127, 143))

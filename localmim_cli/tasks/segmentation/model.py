@@ -19,7 +19,6 @@ activations where the published one (mmsegmentation's) drops whole channels.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import nn
@@ -130,23 +129,3 @@ def segmentation_loss(logits: torch.Tensor, aux: torch.Tensor | None, labels: to
     decode = ce(logits)
     aux_loss = ce(aux) if aux is not None else torch.zeros((), device=logits.device)
     return decode + aux_weight * aux_loss, torch.stack([decode.detach(), aux_loss.detach()])
-
-
-def layer_decay_groups(model: Segmenter, weight_decay: float, layer_decay: float, no_decay_1d: bool,
-                       no_decay_names: list[str]) -> list[dict[str, Any]]:
-    """AdamW groups by (layer, decay) as mmsegmentation's LayerDecayOptimizerConstructor (BEiT's)
-    forms them: lr_scale = layer_decay ^ (num_layers - 1 - layer); no weight decay on 1-D
-    parameters and biases (with no_decay_1d) and on names containing one of no_decay_names."""
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    top = model.num_layers - 1
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = not ((no_decay_1d and (param.ndim == 1 or name.endswith(".bias")))
-                     or any(key in name for key in no_decay_names))
-        layer = model.layer_of(name)
-        group = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                                                   "lr_scale": layer_decay ** (top - layer), "names": []})
-        group["params"].append(param)
-        group["names"].append(name)
-    return [{k: v for k, v in g.items() if k != "names"} for _, g in sorted(groups.items())]

@@ -102,6 +102,28 @@ def build_segmenter(settings: SegmentationSettings, num_classes: int, spec: Pyra
     return model
 
 
+def segmenter_from_checkpoint(path: Path | str) -> tuple[Segmenter, SegmentationSettings, list[str]]:
+    """A segmentation run, its checkpoints/ folder or one checkpoint (best/, step-N) as (the
+    model with its weights, in eval mode; the run's settings; the class names), for inference.
+    A CheckpointError names the path when it is not a segmentation checkpoint."""
+    from localmim_cli.config.segmentation import SegmentationSettings
+    from localmim_cli.engine import checkpoints
+    from localmim_cli.errors import CheckpointError
+    from localmim_cli.model.feature_pyramid import PyramidSpec
+    from localmim_cli.weights.loading import load_exactly
+    from localmim_cli.weights.locate import checkpoint_folder
+
+    found = checkpoint_folder(path)
+    if found.kind != SegmentationTask.kind:
+        raise CheckpointError(f"{found.folder}: a {found.kind} checkpoint, not a segmentation one")
+    ckpt = checkpoints.load(found.folder)
+    settings = SegmentationSettings.model_validate(ckpt.meta["settings"])
+    record = ckpt.meta["segmenter"]
+    model = build_segmenter(settings, record["num_classes"], PyramidSpec(**record["pyramid"]), None)
+    load_exactly(model, ckpt.model_state(), ckpt.model_file)
+    return model.eval(), settings, list(ckpt.meta["classes"])
+
+
 class SegmentationTask(ValidatedTask):
     """Pixel-labelled images through the published augmentation, decode + 0.4 auxiliary
     cross-entropy, and validation mIoU every val.every steps (and at the last)."""
@@ -129,7 +151,7 @@ class SegmentationTask(ValidatedTask):
         self.report = getattr(model, "init_report", None)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        from localmim_cli.tasks.segmentation.model import layer_decay_groups
+        from localmim_cli.engine.param_groups import layer_decay_groups
 
         opt = self.settings.optim
         return layer_decay_groups(self.model, opt.weight_decay, opt.layer_decay, opt.no_decay_1d, opt.no_decay_names)

@@ -262,3 +262,38 @@ def test_a_swin_encoder_segments_through_its_four_stages(scenes, tmp_path):
     state = load_file(str(tmp_path / "seg" / "checkpoints" / "step-00000002" / "model.safetensors"))
     assert [tuple(state[f"pyramid.norms.{k}.weight"].shape) for k in range(4)] == [(16,), (32,), (64,), (128,)]
     assert rows(tmp_path / "seg", "val")[0]["step"] == 2
+
+
+def test_an_exported_encoder_inits_a_segmenter_as_its_pretrain_run_does(encoder, tmp_path):
+    from localmim_cli.config.segmentation import SegmentationSettings
+    from localmim_cli.model.feature_pyramid import pyramid_spec
+    from localmim_cli.tasks.segmentation.recipe import build_segmenter
+    from localmim_cli.weights.sources import load_encoder_weights
+
+    invoke("export", encoder, "--out", tmp_path / "exported")
+    settings = SegmentationSettings.model_validate({"model": {"img_size": 64, "decoder_channels": 16,
+                                                              "aux_channels": 8}, "val": {"stride": 43}})
+    for source in (tmp_path / "exported", encoder):
+        weights = load_encoder_weights(source)
+        model = build_segmenter(settings, 3, pyramid_spec(weights, 64), weights)
+        assert len(model.init_report.loaded) == len(weights.encoder_state()) + weights.shape.depth
+        state = model.state_dict()
+        assert torch.equal(state["pyramid.encoder.blocks.3.mlp.fc2.weight"], weights.state["blocks.3.mlp.fc2.weight"])
+
+
+def test_class_names_from_classes_json_or_from_the_masks(tmp_path, capsys):
+    from localmim_cli.config.segmentation import SegDataSettings
+    from localmim_cli.tasks.segmentation.data import read_seg_data
+
+    root = make_pairs_set(tmp_path / "set", 4, 48)
+    (root / "classes.txt").unlink()
+    unnamed = read_seg_data(SegDataSettings(path=root, val_fraction=0.25), seed=0)
+    assert unnamed.classes[0] == "class_0" and len(unnamed.classes) <= len(CLASSES)
+    (root / "classes.json").write_text(json.dumps(CLASSES + ["unused"]))
+    named = read_seg_data(SegDataSettings(path=root, val_fraction=0.25), seed=0)
+    assert named.classes == CLASSES + ["unused"] and len(named.train) == 3 and len(named.val) == 1
+    assert sum(named.class_pixels) == 3 * 48 * 48 and named.class_pixels[-1] == 0
+    (root / "classes.json").write_text('{"0": "background"}')
+    code, err = run_main(capsys, "finetune", root, "--task", "segmentation", "--arch", "vit_tiny_patch16_224",
+                         "--dry-run")
+    assert code == 2 and f"{root / 'classes.json'}: expected a list of class names" in err

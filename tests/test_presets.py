@@ -179,6 +179,33 @@ def test_published_swin_b_finetune_recipe():
     assert effective_batch(hog, 8) == 2048 and scaled_lr(hog, 8) == 4e-3
 
 
+def test_published_segmentation_recipes():
+    """Method digest section 2.3 (the authors' ADE20K configs): 16 crops of 512 per step, 160k
+    iterations, 1500 warmup iterations then poly power 1; ViT-B: AdamW 4e-4, wd 0.05, layer decay
+    0.65, drop path 0.1, slide test at stride 341; Swin-B: 6e-5, wd 0.01 off position biases and
+    norms, no layer decay, drop path 0.3, fp32, whole-image test."""
+    from localmim_cli.config.segmentation import SegmentationSettings
+
+    for name in ("seg-vit-b-ade20k", "seg-swin-b-ade20k", "seg-small"):
+        info, values = load_preset(name)
+        assert info.kind == "finetune" and info.task == "segmentation"
+    s = resolve(SegmentationSettings, preset=load_preset("seg-vit-b-ade20k")[1], environ={}).settings
+    assert effective_batch(s, 8) == 16 and math.isclose(scaled_lr(s, 8), 4e-4)
+    assert (s.train.iterations, s.optim.warmup_steps, s.optim.warmup_ratio, s.optim.power, s.optim.min_lr) == \
+        (160000, 1500, 1e-6, 1.0, 0.0)
+    assert (s.optim.betas, s.optim.weight_decay, s.optim.layer_decay, s.model.drop_path) == ((0.9, 0.999), 0.05, 0.65, 0.1)
+    assert (s.model.img_size, s.model.decoder_channels, s.model.aux_channels, s.model.aux_weight) == (512, 768, 256, 0.4)
+    assert (s.model.rel_pos_bias, s.model.layer_scale, s.model.arch) == (True, 1.0, "vit_base_patch16_224")
+    assert (s.val.mode, s.val.stride, s.data.scale, s.data.ratio_range, s.data.cat_max_ratio) == \
+        ("slide", 341, (2048, 512), (0.5, 2.0), 0.75)
+    w = resolve(SegmentationSettings, preset=load_preset("seg-swin-b-ade20k")[1], environ={}).settings
+    assert effective_batch(w, 8) == 16 and math.isclose(scaled_lr(w, 8), 6e-5)
+    assert (w.optim.weight_decay, w.optim.layer_decay, w.model.drop_path, w.train.precision, w.val.mode) == \
+        (0.01, 1.0, 0.3, "fp32", "whole")
+    assert set(w.optim.no_decay_names) == {"absolute_pos_embed", "relative_position_bias_table", "norm"}
+    assert w.model.decoder_channels == 512 and not w.optim.no_decay_1d
+
+
 def test_batch_and_lr_arithmetic():
     b = resolved("vit-b16-hog-1600ep").settings
     assert effective_batch(b, 8) == 2048 and math.isclose(scaled_lr(b, 8), 1.6e-3)

@@ -100,3 +100,49 @@ def test_tiny_overrides_are_settings_the_command_knows(command):
     schema = PretrainSettings if command == "pretrain" else FinetuneSettings
     resolved = resolve_settings(schema, environ={f"LOCALMIM_{k}": v for k, v in TINY[command].items()})
     assert {f"env:LOCALMIM_{k}" for k in TINY[command]} <= set(resolved.provenance.values())
+
+
+# The segmentation block's variables: the tiny ViT above, 64 px crops, 6 iterations.
+SEGMENT = {"MODEL__IMG_SIZE": "64", "DATA__SCALE": "[128, 64]", "MODEL__DECODER_CHANNELS": "32",
+           "MODEL__AUX_CHANNELS": "16", "TRAIN__ITERATIONS": "6", "OPTIM__WARMUP_STEPS": "2",
+           "VAL__EVERY": "3", "VAL__STRIDE": "43", "TRAIN__BATCH_SIZE": "4", "TRAIN__DEVICE": "cpu",
+           "TRAIN__PRECISION": "fp32", "DATA__WORKERS": "0", "TRAIN__LOGGERS": "[]"}
+
+
+def section_commands(title: str) -> list[str]:
+    text = README.read_text()
+    section = re.search(rf"^## {title}\n(.*?)(?=^## )", text, flags=re.M | re.S).group(1)
+    return [line for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+            for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_every_segmentation_command_runs_as_written(tmp_path):
+    from segmentation_photos import make_ade20k_set, make_pairs_set
+
+    commands = section_commands("Segmentation")
+    assert len(commands) >= 5
+    (tmp_path / "photos").mkdir()
+    for path in sample_photo_paths():
+        shutil.copy(path, tmp_path / "photos" / path.name)
+    make_pairs_set(tmp_path / "SCENES", 12, 96)
+    make_ade20k_set(tmp_path / "ADEChallengeData2016", 4, 2, 96, ade_ids=(3, 13, 127, 143))
+    bin_dir = str(Path(sys.executable).parent)
+    printed = {}
+    for line in commands:
+        words = line.split()
+        assert words[0] == "localmim", line
+        shrink = TINY["pretrain"] if words[1] == "pretrain" else {} if "ade20k" in line else SEGMENT
+        env = cli_env(HOME=str(tmp_path), LOCALMIM_HOME=str(tmp_path / "home"),
+                      PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                      **{f"LOCALMIM_{k}": v for k, v in shrink.items()})
+        r = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{line}\n{r.stdout}\n{r.stderr}"
+        assert "Traceback" not in r.stderr, r.stderr
+        printed[line.split("#")[0].strip()] = r.stdout
+
+    run = tmp_path / "runs" / "seg"
+    assert json.loads((run / "settings.json").read_text())["task"] == "segmentation"
+    assert (run / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert "already finished" in printed["localmim finetune SCENES/ --preset seg-small --out runs/seg --resume"]
+    plan = printed["localmim finetune ADEChallengeData2016/ --preset seg-vit-b-ade20k --dry-run"]
+    assert "ade20k layout, 150 classes" in plan and "160000 steps" in plan

@@ -16,11 +16,13 @@ from localmim_cli.errors import UsageError
 
 def finetune(
     data: Annotated[Optional[Path], typer.Argument(
-        help="The task's data: for classification a folder with one subfolder of images per class "
-             "(ImageFolder layout). Optional with --resume.", show_default=False)] = None,
+        help="The task's data. classification: a folder with one subfolder of images per class "
+             "(ImageFolder layout). segmentation: the ADE20K layout (images/{training,validation}, "
+             "annotations/{training,validation}) or pairs (images/NAME.*, masks/NAME.png, optional "
+             "classes.txt). Optional with --resume.", show_default=False)] = None,
     task: Annotated[Optional[str], typer.Option(
-        "--task", help="What to fine-tune for: classification (default). A preset or a resumed "
-                       "run brings its own task.")] = None,
+        "--task", help="What to fine-tune for: classification (default) or segmentation. A preset "
+                       "or a resumed run brings its own task.")] = None,
     init: Annotated[Optional[Path], typer.Option(
         "--init", help="Start from: a pretrain run directory, a localmim checkpoint, a published "
                        "LocalMIM/MAE ViT .pth/.safetensors, or an exported encoder folder.")] = None,
@@ -35,6 +37,8 @@ def finetune(
     val_fraction: Annotated[Optional[float], typer.Option(
         help="data.val_fraction: share of each class held out when there is no --val (0 = none)")] = None,
     epochs: EpochsOpt = None,
+    iterations: Annotated[Optional[int], typer.Option(
+        help="train.iterations: optimizer steps of a run counted in steps (segmentation)")] = None,
     batch_size: BatchOpt = None,
     accum_steps: AccumOpt = None,
     lr: Annotated[Optional[float], typer.Option(help="optim.lr, absolute (overrides --base-lr)")] = None,
@@ -58,6 +62,11 @@ def finetune(
     classification: the published ViT protocol. Global average pooling with a new norm and
     head, layer-wise lr decay, drop path, Mixup/CutMix, RandAugment, random erasing, label
     smoothing, AdamW with warmup + cosine.
+
+    segmentation: the published ADE20K protocol. The encoder's features at four depths (ViT;
+    Swin: its stages) at strides 4-32, UperNet with an FCN auxiliary head, random resize, crop,
+    flip and photometric distortion, layer-wise lr decay, AdamW with warmup + poly over
+    train.iterations (--iterations), validation mIoU (slide or whole inference).
     Writes into the run directory: settings.json, settings.provenance.json, classes.json,
     manifest.json, metrics.jsonl (training and validation lines), checkpoints/ (the last ones,
     and best/ by the task's validation score). Under torchrun every process runs this same
@@ -69,9 +78,14 @@ def finetune(
     from localmim_cli.tasks import finetune as fine_tuning
 
     schema = finetune_task(choose_task(task, preset, config, out if resume else None)).schema
+    counts = schema.model_fields["train"].annotation.model_fields
+    for flag, value, field, other in (("--epochs", epochs, "epochs", "--iterations"),
+                                      ("--iterations", iterations, "iterations", "--epochs")):
+        if value is not None and field not in counts:
+            raise UsageError(f"{flag}: this task's runs are counted in {other[2:]}, not {field}; use {other}")
     flags = {"task": task, "data.path": str(data) if data else None, "init": str(init) if init else None,
              "data.val_path": str(val) if val else None, "data.val_fraction": val_fraction,
-             "train.epochs": epochs, "train.batch_size": batch_size, "train.accum_steps": accum_steps,
+             "train.epochs": epochs, "train.iterations": iterations, "train.batch_size": batch_size, "train.accum_steps": accum_steps,
              "optim.lr": lr, "optim.base_lr": base_lr, "optim.layer_decay": layer_decay,
              "model.drop_path": drop_path, "model.arch": arch, "model.img_size": img_size,
              "train.precision": precision, "train.device": device, "train.seed": seed, "data.workers": workers}

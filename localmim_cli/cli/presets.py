@@ -44,6 +44,5 @@ def show(name: Annotated[str, typer.Argument(help="Preset name or .toml file")],
     kind = f"{info.kind}, task {info.task}" if info.task else info.kind
     console.print(f"[bold]{info.name}[/] ({kind}): {info.summary}\n")
     console.print(info.description.strip() + "\n", highlight=False)
-    if info.kind == "pretrain":
-        console.print(scaling_line(resolved.settings, world_size), highlight=False)
+    console.print(scaling_line(resolved.settings, world_size), highlight=False)
     console.print_json(json.dumps(values))

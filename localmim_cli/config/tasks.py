@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from localmim_cli.config.schema import EvaluateSettings, FinetuneSettings, PretrainSettings, Strict
+from localmim_cli.config.segmentation import SegmentationSettings
 from localmim_cli.errors import UsageError
 
 DEFAULT_TASK = "classification"
@@ -27,6 +28,8 @@ class FinetuneTaskInfo:
 FINETUNE_TASKS: dict[str, FinetuneTaskInfo] = {info.name: info for info in (
     FinetuneTaskInfo("classification", FinetuneSettings, "localmim_cli.tasks.classification.recipe:RECIPE",
                      "an image classifier on a folder with one subfolder per class"),
+    FinetuneTaskInfo("segmentation", SegmentationSettings, "localmim_cli.tasks.segmentation.recipe:RECIPE",
+                     "a semantic segmenter (UperNet) on images with per-pixel class masks"),
 )}
 
 COMMANDS: dict[str, type[Strict]] = {"pretrain": PretrainSettings, "finetune": FinetuneSettings,

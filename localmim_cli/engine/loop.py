@@ -234,7 +234,7 @@ def _steps(t: Trainer, pos: Position, stop: StopRequest) -> dict[str, Any]:
                 meter.flag_nonfinite(grad_norm())
             pos.step += 1
             t.output.progress.advance()
-            at_epoch_end = micro + 1 == plan.micro_steps_per_epoch
+            at_epoch_end = micro + 1 == plan.micro_steps_in(epoch)
             pos.micro_step = micro + 1
 
             logged = pos.step % t.log_every == 0 or at_epoch_end
@@ -248,6 +248,7 @@ def _steps(t: Trainer, pos: Position, stop: StopRequest) -> dict[str, Any]:
                 summary = record
                 meter.reset()
 
+            task.on_step_end(pos, t.output)
             if at_epoch_end:
                 pos = Position(epoch + 1, 0, pos.step)
                 task.on_epoch_end(pos, t.output)

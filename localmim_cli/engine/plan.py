@@ -7,11 +7,12 @@ run and its recipe can never disagree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from localmim_cli.config.presets import effective_batch, scaled_lr, scaling_line
-from localmim_cli.engine.schedule import lr_at
+from localmim_cli.engine.schedule import PolySchedule, lr_at
 from localmim_cli.errors import DataError, UsageError
 
 
@@ -25,6 +26,8 @@ class StepPlan:
     min_lr: float
     warmup_epochs: float
     scaling: str              # the effective batch and lr arithmetic, as one line
+    iterations: int | None = None      # a run counted in optimizer steps: it stops there, mid-epoch
+    poly: PolySchedule | None = None   # the lr schedule of such a run (else warmup + cosine)
 
     @property
     def micro_steps_per_epoch(self) -> int:
@@ -32,13 +35,25 @@ class StepPlan:
 
     @property
     def total_steps(self) -> int:
-        return self.steps_per_epoch * self.epochs
+        return self.iterations or self.steps_per_epoch * self.epochs
+
+    def micro_steps_in(self, epoch: int) -> int:
+        """Micro-steps of epoch `epoch` (0-based): all of them, but in the last epoch of a run
+        counted in iterations only those up to its last step."""
+        left = self.total_steps - epoch * self.steps_per_epoch
+        return min(self.steps_per_epoch, max(left, 0)) * self.accum_steps
 
     def describe(self) -> str:
+        if self.iterations:
+            return (f"{self.iterations} steps ({self.steps_per_epoch} steps/epoch, "
+                    f"{self.iterations / self.steps_per_epoch:.3g} epochs)")
         return f"{self.steps_per_epoch} steps/epoch x {self.epochs} epochs"
 
     def lr_at(self, step: int) -> float:
-        """lr of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+        """lr of optimizer step `step` (0-based): linear warmup, then cosine to min_lr; or the
+        poly schedule of a run counted in iterations."""
+        if self.poly is not None:
+            return self.poly.at(step)
         return lr_at(step, self.steps_per_epoch, self.lr, self.min_lr, self.warmup_epochs, self.epochs)
 
 
@@ -47,7 +62,9 @@ def plan_steps(n_images: int, settings: Any, world_size: int) -> StepPlan:
 
     A global micro-batch is batch_size x world_size images and the incomplete last one is
     dropped; an epoch too small for one full optimizer step is a DataError that says what to
-    change.
+    change. Settings with `train.iterations` (segmentation) run that many optimizer steps,
+    over as many epochs as it takes, on the poly schedule of `optim.warmup_steps`,
+    `optim.warmup_ratio` and `optim.power`.
     """
     tr, opt = settings.train, settings.optim
     micro_steps = n_images // (tr.batch_size * world_size)
@@ -62,6 +79,14 @@ def plan_steps(n_images: int, settings: Any, world_size: int) -> StepPlan:
     if opt.min_lr > lr:
         raise UsageError(f"optim.min_lr {opt.min_lr:g} is above the peak lr {lr:g} "
                          f"({scaling_line(settings, world_size)}); lower optim.min_lr or raise optim.base_lr")
+    iterations = getattr(tr, "iterations", None)
+    if iterations:
+        poly = PolySchedule(lr, opt.min_lr, iterations, opt.power, opt.warmup_steps, opt.warmup_ratio)
+        return StepPlan(steps_per_epoch=steps_per_epoch, accum_steps=tr.accum_steps,
+                        epochs=math.ceil(iterations / steps_per_epoch),
+                        effective_batch=effective_batch(settings, world_size), lr=lr, min_lr=opt.min_lr,
+                        warmup_epochs=opt.warmup_steps / steps_per_epoch,
+                        scaling=scaling_line(settings, world_size), iterations=iterations, poly=poly)
     return StepPlan(steps_per_epoch=steps_per_epoch, accum_steps=tr.accum_steps, epochs=tr.epochs,
                     effective_batch=effective_batch(settings, world_size), lr=lr,
                     min_lr=opt.min_lr, warmup_epochs=opt.warmup_epochs,

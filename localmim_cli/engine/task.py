@@ -116,5 +116,9 @@ class TrainingTask(ABC):
         """Called on every process before the first step this process runs (`position.step` is
         0 for a fresh run, the checkpoint's step for a resumed one)."""
 
+    def on_step_end(self, position: Position, log: RunLog) -> None:
+        """Called on every process after each optimizer step (`position.step` steps done),
+        before that step's checkpoint; a run counted in iterations validates here."""
+
     def on_epoch_end(self, position: Position, log: RunLog) -> None:
         """Called on every process once `position.epoch` epochs are done."""

@@ -104,13 +104,23 @@ def already_finished(run_dir: Path, pos: Position, plan: StepPlan, say: Callable
     """A resume of a run that has done all its steps: say so, with the real last loss; write nothing."""
     last = resumes.last_metrics(run_dir)
     loss = f"; last loss {last['loss']:.4f}" if "loss" in last else ""
+    more = "train.iterations (--iterations)" if plan.iterations else "--epochs"
     say(f"already finished at epoch {pos.epoch} (step {pos.step} of {plan.total_steps}){loss}; nothing to do "
-        "(raise --epochs to train further)")
+        f"(raise {more} to train further)")
     return {**last, "steps": pos.step, "run_dir": str(run_dir), "epochs": plan.epochs, "already_finished": True}
 
 
 def schedule_change(saved: dict[str, Any], plan: StepPlan, pos: Position) -> list[str]:
-    """Lines saying how a resume with other train.epochs moves the lr schedule, or none."""
+    """Lines saying how a resume with other train.epochs (train.iterations) moves the lr
+    schedule, or none."""
+    if plan.poly is not None:
+        before = saved["train"]["iterations"]
+        if before == plan.iterations:
+            return []
+        old = dataclasses.replace(plan.poly, total_steps=before).at(pos.step)
+        return [f"note: train.iterations {before} -> {plan.iterations}: the poly schedule now ends at step "
+                f"{plan.iterations}, so the lr from step {pos.step} on follows the new curve "
+                f"({old:.3g} -> {plan.lr_at(pos.step):.3g} at this step)"]
     before = saved["train"]["epochs"]
     if before == plan.epochs:
         return []
@@ -217,7 +227,7 @@ def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkp
     loader = run_loader(task.dataset, sampler, settings.data.workers, device)
 
     def batches(epoch: int, start: int) -> DataLoader:
-        sampler.set_position(epoch, start, plan.micro_steps_per_epoch)
+        sampler.set_position(epoch, start, plan.micro_steps_in(epoch))
         return loader
 
     def save(position: Position) -> None:
@@ -248,7 +258,7 @@ def train(task: TrainingTask, resolved: Resolved, run_dir: Path, resumed: checkp
     finally:
         if loggers is not None:   # a crash, a divergence or Ctrl-C still leaves the loggers' files whole
             loggers.close()
-    return {**summary, "run_dir": str(run_dir), "epochs": tr.epochs}
+    return {**summary, "run_dir": str(run_dir), "epochs": plan.epochs}
 
 
 def start_loggers(names: list[str], run_dir: Path, settings: Any, start_step: int, console: Console) -> Loggers | None:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from localmim_cli.engine.checkpoints import Checkpoint
     from localmim_cli.engine.loop import Placement
-    from localmim_cli.engine.task import RunLog
+    from localmim_cli.engine.task import Position, RunLog
     from localmim_cli.weights.sources import EncoderWeights
 
 BEST = "best"  # checkpoints/best: the best validation score of the run
@@ -105,26 +105,27 @@ class ValidatedTask(TrainingTask):
     def validation_note(self, record: dict[str, Any]) -> str:
         """One progress line for a validation record."""
 
-    def run_validation(self, epoch: int, step: int, log: RunLog) -> None:
+    def run_validation(self, epoch: int, position: Position, log: RunLog) -> None:
+        """Validate now (`epoch`: the 0-based epoch the record names); keep the record, and the
+        weights in checkpoints/best/ when the score is the best so far."""
         if not self.has_validation():
             return
-        self.last_val = {"epoch": epoch, "step": step, **self.validate()}
+        self.last_val = {"epoch": epoch, "step": position.step, **self.validate()}
         improved = not self.best or self.last_val[self.best_metric] > self.best[self.best_metric]
         if improved:
             self.best = dict(self.last_val)
             if self.placement.world.is_main:
-                self._save_best(step)
+                self._save_best(position)
         log.record({"kind": "val", **self.last_val, "best": improved})
         log.note(self.validation_note(self.last_val))
 
-    def _save_best(self, step: int) -> None:
+    def _save_best(self, position: Position) -> None:
         """checkpoints/best/: the weights of the best validation score so far, beside the last
         train.keep_last (which keep only the newest); export and evaluate take it like any
         checkpoint folder. Recorded in manifest.json under "best"."""
         from localmim_cli.engine import checkpoints, runs
 
-        v = self.last_val
-        meta = {"kind": self.kind, "position": {"epoch": v["epoch"] + 1, "micro_step": 0, "step": step},
+        meta = {"kind": self.kind, "position": dataclasses.asdict(position),
                 "settings": self.settings.model_dump(mode="json"), "run_dir": str(self.run_dir),
                 **self.checkpoint_meta()}
         checkpoints.save(self.run_dir / "checkpoints", BEST, self.model.state_dict(), meta, latest=False)

@@ -44,6 +44,7 @@ def summarize(run: Path | str) -> RunSummary:
         raise RunDirError(f"{run}: not a localmim run directory (no settings.json)")
     settings = json.loads((run / "settings.json").read_text())
     epochs = (settings.get("train") or {}).get("epochs")
+    iterations = (settings.get("train") or {}).get("iterations")   # a run counted in steps (segmentation)
     kind, status, epoch, step = "?", "no checkpoint yet", None, None
     ckpt_dir = run / "checkpoints"
     saved = checkpoints.list_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
@@ -53,7 +54,9 @@ def summarize(run: Path | str) -> RunSummary:
             kind = ckpt.meta.get("kind", "pretrain")
             position = ckpt.meta.get("position") or {}
             epoch, step = position.get("epoch"), position.get("step")
-            status = "finished" if epochs is not None and epoch is not None and epoch >= epochs else "stopped"
+            done = (step is not None and step >= iterations) if iterations is not None else \
+                (epochs is not None and epoch is not None and epoch >= epochs)
+            status = "finished" if done else "stopped"
         except CheckpointError as exc:
             status = f"unreadable checkpoint ({exc})"
     last_loss = best = best_step = floor = None

@@ -164,7 +164,7 @@ class ClassificationTask(ValidatedTask):
     def on_epoch_end(self, position: "Position", log: "RunLog") -> None:
         tr = self.settings.train
         if position.epoch == tr.epochs or (tr.eval_every and position.epoch % tr.eval_every == 0):
-            self.run_validation(position.epoch - 1, position.step, log)
+            self.run_validation(position.epoch - 1, position, log)
 
     def has_validation(self) -> bool:
         return bool(self.split.val)

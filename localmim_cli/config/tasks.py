@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from localmim_cli.config.detection import DetectionSettings
 from localmim_cli.config.schema import EvaluateSettings, FinetuneSettings, PretrainSettings, Strict
 from localmim_cli.config.segmentation import SegmentationSettings
 from localmim_cli.errors import UsageError
@@ -30,6 +31,8 @@ FINETUNE_TASKS: dict[str, FinetuneTaskInfo] = {info.name: info for info in (
                      "an image classifier on a folder with one subfolder per class"),
     FinetuneTaskInfo("segmentation", SegmentationSettings, "localmim_cli.tasks.segmentation.recipe:RECIPE",
                      "a semantic segmenter (UperNet) on images with per-pixel class masks"),
+    FinetuneTaskInfo("detection", DetectionSettings, "localmim_cli.tasks.detection.recipe:RECIPE",
+                     "an object detector with instance masks (Mask R-CNN) on COCO-format annotations"),
 )}
 
 COMMANDS: dict[str, type[Strict]] = {"pretrain": PretrainSettings, "finetune": FinetuneSettings,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from localmim_cli.config.presets import effective_batch, scaled_lr, scaling_line
-from localmim_cli.engine.schedule import PolySchedule, lr_at
+from localmim_cli.engine.schedule import PolySchedule, StepSchedule, iteration_schedule, lr_at
 from localmim_cli.errors import DataError, UsageError
 
 
@@ -27,7 +27,7 @@ class StepPlan:
     warmup_epochs: float
     scaling: str              # the effective batch and lr arithmetic, as one line
     iterations: int | None = None      # a run counted in optimizer steps: it stops there, mid-epoch
-    poly: PolySchedule | None = None   # the lr schedule of such a run (else warmup + cosine)
+    schedule: PolySchedule | StepSchedule | None = None   # the lr schedule of such a run (else warmup + cosine)
 
     @property
     def micro_steps_per_epoch(self) -> int:
@@ -51,9 +51,9 @@ class StepPlan:
 
     def lr_at(self, step: int) -> float:
         """lr of optimizer step `step` (0-based): linear warmup, then cosine to min_lr; or the
-        poly schedule of a run counted in iterations."""
-        if self.poly is not None:
-            return self.poly.at(step)
+        schedule of a run counted in iterations (poly, or steps at milestones)."""
+        if self.schedule is not None:
+            return self.schedule.at(step)
         return lr_at(step, self.steps_per_epoch, self.lr, self.min_lr, self.warmup_epochs, self.epochs)
 
 
@@ -62,9 +62,10 @@ def plan_steps(n_images: int, settings: Any, world_size: int) -> StepPlan:
 
     A global micro-batch is batch_size x world_size images and the incomplete last one is
     dropped; an epoch too small for one full optimizer step is a DataError that says what to
-    change. Settings with `train.iterations` (segmentation) run that many optimizer steps,
-    over as many epochs as it takes, on the poly schedule of `optim.warmup_steps`,
-    `optim.warmup_ratio` and `optim.power`.
+    change. Settings with `train.iterations` (segmentation, detection) run that many optimizer
+    steps, over as many epochs as it takes, on the schedule `optim.schedule` names (poly: of
+    `optim.warmup_steps`, `optim.warmup_ratio` and `optim.power`; step: of `optim.milestones`,
+    `optim.gamma`, `optim.warmup_steps` and `optim.warmup_factor`).
     """
     tr, opt = settings.train, settings.optim
     micro_steps = n_images // (tr.batch_size * world_size)
@@ -76,17 +77,17 @@ def plan_steps(n_images: int, settings: Any, world_size: int) -> StepPlan:
                         "because an incomplete last batch is dropped: lower train.batch_size (--batch-size) or "
                         "train.accum_steps (--accum-steps), or raise data.repeats (--set data.repeats=N), or add images")
     lr = scaled_lr(settings, world_size)
-    if opt.min_lr > lr:
+    if getattr(opt, "min_lr", 0.0) > lr:
         raise UsageError(f"optim.min_lr {opt.min_lr:g} is above the peak lr {lr:g} "
                          f"({scaling_line(settings, world_size)}); lower optim.min_lr or raise optim.base_lr")
     iterations = getattr(tr, "iterations", None)
     if iterations:
-        poly = PolySchedule(lr, opt.min_lr, iterations, opt.power, opt.warmup_steps, opt.warmup_ratio)
+        schedule = iteration_schedule(lr, opt, iterations)
         return StepPlan(steps_per_epoch=steps_per_epoch, accum_steps=tr.accum_steps,
                         epochs=math.ceil(iterations / steps_per_epoch),
-                        effective_batch=effective_batch(settings, world_size), lr=lr, min_lr=opt.min_lr,
-                        warmup_epochs=opt.warmup_steps / steps_per_epoch,
-                        scaling=scaling_line(settings, world_size), iterations=iterations, poly=poly)
+                        effective_batch=effective_batch(settings, world_size), lr=lr,
+                        min_lr=getattr(opt, "min_lr", 0.0), warmup_epochs=opt.warmup_steps / steps_per_epoch,
+                        scaling=scaling_line(settings, world_size), iterations=iterations, schedule=schedule)
     return StepPlan(steps_per_epoch=steps_per_epoch, accum_steps=tr.accum_steps, epochs=tr.epochs,
                     effective_batch=effective_batch(settings, world_size), lr=lr,
                     min_lr=opt.min_lr, warmup_epochs=opt.warmup_epochs,

@@ -30,7 +30,7 @@ from localmim_cli.engine.compiling import Compilation
 from localmim_cli.engine.threads import ThreadChoice, choose_intra_op_threads, intra_op_threads
 from localmim_cli.engine.loop import Placement, RunOutput, Trainer, resolve_precision, run_loop
 from localmim_cli.engine.plan import StepPlan, plan_steps
-from localmim_cli.engine.schedule import lr_at
+from localmim_cli.engine.schedule import PolySchedule, lr_at
 from localmim_cli.engine.progress import StepProgress
 from localmim_cli.engine.stopping import ignore_stop_signals
 from localmim_cli.engine.task import Position, TrainingTask
@@ -113,12 +113,13 @@ def already_finished(run_dir: Path, pos: Position, plan: StepPlan, say: Callable
 def schedule_change(saved: dict[str, Any], plan: StepPlan, pos: Position) -> list[str]:
     """Lines saying how a resume with other train.epochs (train.iterations) moves the lr
     schedule, or none."""
-    if plan.poly is not None:
+    if plan.schedule is not None:
         before = saved["train"]["iterations"]
         if before == plan.iterations:
             return []
-        old = dataclasses.replace(plan.poly, total_steps=before).at(pos.step)
-        return [f"note: train.iterations {before} -> {plan.iterations}: the poly schedule now ends at step "
+        old = dataclasses.replace(plan.schedule, total_steps=before).at(pos.step)
+        kind = "poly" if isinstance(plan.schedule, PolySchedule) else "step"
+        return [f"note: train.iterations {before} -> {plan.iterations}: the {kind} schedule now ends at step "
                 f"{plan.iterations}, so the lr from step {pos.step} on follows the new curve "
                 f"({old:.3g} -> {plan.lr_at(pos.step):.3g} at this step)"]
     before = saved["train"]["epochs"]

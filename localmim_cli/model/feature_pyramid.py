@@ -19,7 +19,10 @@ Two backbones, as the published dense-transfer code builds them:
   stage's output behind a new LayerNorm (the published Swin segmentation backbone's
   `norm0..norm3`).
 
-Both expose `feature_info` as timm's `features_only` models do (`.channels()`, `.reduction()`),
+- `SimplePyramid` (model/simple_pyramid.py): the ViT as ViTDet's detection backbone, window
+  attention with a few global blocks, and a simple pyramid from the last block alone.
+
+All expose `feature_info` as timm's `features_only` models do (`.channels()`, `.reduction()`),
 so torchvision's `FeaturePyramidNetwork` or a detector can take the levels as they are, and
 `layer_of(name)` / `num_layers` for layer-wise lr decay. `pyramid_from_weights` builds either
 from what `weights.sources.load_encoder_weights` read and names, in a `LoadReport`, every
@@ -271,31 +274,36 @@ def _swin_block_count(model: nn.Module) -> int:
 class PyramidSpec:
     """What builds a pyramid again (checkpoints record it): a ViT's shape, or a timm stage model."""
 
-    kind: str                                   # "vit" or "stages"
+    kind: str                                   # "vit" (BEiT's), "vit_simple" (ViTDet's) or "stages"
     img_size: int
     vit: dict[str, Any] | None = None           # ViTShape fields
     timm: dict[str, Any] | None = None          # {"architecture", "model_args"} of the stage model
     source: str = ""                            # where the encoder came from (for describe)
 
     def describe(self) -> str:
-        if self.kind == "vit":
+        if self.kind in ("vit", "vit_simple"):
             from localmim_cli.weights.sources import ViTShape
+            how = "BEiT pyramid" if self.kind == "vit" else "ViTDet simple pyramid from the last block"
             return ViTShape(**self.vit).describe().rsplit(",", 1)[0] + f", {self.img_size} px crops, " \
-                                                                        "BEiT pyramid (strides 4-32)"
+                                                                        f"{how} (strides 4-32)"
         return f"timm {self.timm['architecture']} stages, {self.img_size} px crops (strides 4-32)"
 
 
-def pyramid_spec(weights: EncoderWeights | None, img_size: int, arch: str | None = None) -> PyramidSpec:
+def pyramid_spec(weights: EncoderWeights | None, img_size: int, arch: str | None = None,
+                 vit: str = "vit") -> PyramidSpec:
     """The pyramid `weights` make at crop `img_size` (checked: ViT patch sizes, arch); without
-    weights, model.arch's ViT from scratch."""
+    weights, model.arch's ViT from scratch. `vit`: the kind a ViT becomes, "vit" (BEiT's
+    pyramid from four blocks) or "vit_simple" (ViTDet's from the last)."""
     from localmim_cli.weights import via_timm
     from localmim_cli.weights.sources import arch_shape, check_arch
 
     if weights is None:
         if not arch:
-            raise ModelError("segmentation needs --init CHECKPOINT (or model.arch to train from scratch)")
-        shape = dataclasses.replace(arch_shape(arch, img_size), img_size=img_size)
-        return PyramidSpec("vit", img_size, vit=dataclasses.asdict(shape), source=f"random {arch}")
+            raise ModelError("this task needs --init CHECKPOINT (or model.arch to train from scratch)")
+        shape = arch_shape(arch)   # positions at timm's size: a random ViTDet keeps a pretraining grid
+        if vit == "vit":
+            shape = dataclasses.replace(shape, img_size=img_size)
+        return PyramidSpec(vit, img_size, vit=dataclasses.asdict(shape), source=f"random {arch}")
     if via_timm.is_plugin_checkpoint(weights):
         if arch:
             raise CheckpointError(f"{weights.source}: model.arch {arch!r} names a ViT, but this is a "
@@ -311,14 +319,19 @@ def pyramid_spec(weights: EncoderWeights | None, img_size: int, arch: str | None
     check_arch(weights, arch)
     if img_size % weights.shape.patch_size:
         raise ModelError(f"model.img_size {img_size} is not divisible by the patch size {weights.shape.patch_size}")
-    return PyramidSpec("vit", img_size, vit=dataclasses.asdict(weights.shape), source=str(weights.source))
+    return PyramidSpec(vit, img_size, vit=dataclasses.asdict(weights.shape), source=str(weights.source))
 
 
 def build_pyramid(spec: PyramidSpec, *, taps: list[int] | None = None, drop_path: float = 0.0,
-                  rel_pos_bias: bool = True, layer_scale: float | None = 1.0) -> ViTPyramid | StagePyramid:
-    """A pyramid of fresh weights as `spec` says (a resumed run loads its own)."""
-    if spec.kind == "vit":
+                  rel_pos_bias: bool = True, layer_scale: float | None = 1.0, window_size: int = 14,
+                  global_blocks: list[int] | None = None, rel_pos: bool = True) -> nn.Module:
+    """A pyramid of fresh weights as `spec` says (a resumed run loads its own). taps,
+    rel_pos_bias, layer_scale: BEiT's ViT; window_size, global_blocks, rel_pos: ViTDet's."""
+    if spec.kind in ("vit", "vit_simple"):
         from localmim_cli.weights.sources import ViTShape
+        if spec.kind == "vit_simple":
+            from localmim_cli.model.simple_pyramid import SimplePyramid
+            return SimplePyramid(ViTShape(**spec.vit), spec.img_size, window_size, global_blocks, rel_pos, drop_path)
         return ViTPyramid(ViTShape(**spec.vit), spec.img_size, taps, drop_path, rel_pos_bias, layer_scale)
     return StagePyramid(_stage_model(spec.timm, spec.img_size, drop_path))
 
@@ -354,12 +367,12 @@ def _stage_model_from(weights: EncoderWeights) -> nn.Module:
 
 
 def pyramid_from_weights(spec: PyramidSpec, weights: EncoderWeights | None, **options: Any
-                         ) -> tuple[ViTPyramid | StagePyramid, LoadReport]:
+                         ) -> tuple[nn.Module, LoadReport]:
     """The pyramid with the checkpoint's encoder weights in; the report names them and the new parts."""
     pyramid = build_pyramid(spec, **options)
     if weights is None:
         return pyramid, LoadReport(spec.source, [], [n for n, _ in pyramid.named_parameters()])
-    if isinstance(pyramid, ViTPyramid):
+    if hasattr(pyramid, "load_vit"):
         return pyramid, pyramid.load_vit(weights)
     source = {k: v for k, v in _stage_model_from(weights).state_dict().items()
               if not k.startswith(("head.", "norm."))}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -21,12 +21,35 @@ def export(
         "--with-head", metavar=NO_VALUE,
         help="Keep a fine-tuned model's classifier head (label names go into config.json).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", metavar=NO_VALUE, help="Replace a non-empty --out.")] = False,
+    format_: Annotated[Optional[str], typer.Option(
+        "--format", help="timm (default): model.safetensors + config.json. detectron2: the ViT as ViTDet's "
+                         "backbone (backbone.net.*) or the Swin as its SwinTransformer (backbone.bottom_up.*), in "
+                         "model_final.pth. mmdet: the ViT as mmdetection's ViTDet ViT, the Swin in the original "
+                         "layout (convert_weights=True), in backbone.pth. Also takes a detection run.",
+        show_default=False)] = None,
 ) -> None:
-    """Export the encoder for timm: model.safetensors + config.json, verified by reloading it.
+    """Export the encoder for timm, detectron2 or mmdetection, checked before anything is kept.
 
-    The reloaded model's pooled features are compared with the checkpoint's on a probe batch;
-    a difference of 1e-4 or more is an error and leaves nothing behind.
+    timm: model.safetensors + config.json, verified by reloading it: the reloaded model's pooled
+    features are compared with the checkpoint's on a probe batch; a difference of 1e-4 or more is
+    an error and leaves nothing behind. detectron2 / mmdet: every tensor's name and shape checked
+    against the framework's backbone definition (ViTDet's ViT, the Swin Transformer), the file
+    read back; the config lines that load it are printed.
     """
+    if format_ not in (None, "timm"):
+        from localmim_cli.tasks.detection.export import export_backbone, load_lines
+
+        report = export_backbone(checkpoint, out, format_, overwrite=overwrite)
+        console.print(f"exported {checkpoint} -> {report['path']} ({report['format']}, {report['backbone']} "
+                      f"backbone, {report['tensors']} tensors, names and shapes as the framework defines them)",
+                      highlight=False)
+        if report["initialised_by_the_framework"]:
+            console.print(f"  left to the framework's initialisation: {len(report['initialised_by_the_framework'])} "
+                          f"tensors (e.g. {report['initialised_by_the_framework'][0]})", highlight=False)
+        console.print("  load it with:", highlight=False)
+        for line in load_lines(report):
+            console.print(f"    {line}", highlight=False, soft_wrap=True)
+        return
     from localmim_cli.tasks.export import TOLERANCE, export_encoder, load_call
 
     report = export_encoder(checkpoint, out, with_head=with_head, overwrite=overwrite)

@@ -65,9 +65,14 @@ def is_run_dir(folder: Path) -> bool:
 
 
 def is_export_folder(folder: Path) -> bool:
-    """A `localmim export` folder: config.json with its "localmim" block, and model.safetensors."""
+    """A `localmim export` folder: config.json with its "localmim" block, and model.safetensors
+    (or, for --format detectron2 / mmdet, the file that block names)."""
     config = _json_object(folder / "config.json")
-    return config is not None and isinstance(config.get("localmim"), dict) and (folder / "model.safetensors").is_file()
+    ours = config.get("localmim") if config is not None else None
+    if not isinstance(ours, dict):
+        return False
+    file = ours.get("file") if isinstance(ours.get("file"), str) else "model.safetensors"
+    return Path(file).name == file and (folder / file).is_file()
 
 
 def is_checkpoint_area(folder: Path) -> bool:

@@ -146,3 +146,50 @@ def test_every_segmentation_command_runs_as_written(tmp_path):
     assert "already finished" in printed["localmim finetune SCENES/ --preset seg-small --out runs/seg --resume"]
     plan = printed["localmim finetune ADEChallengeData2016/ --preset seg-vit-b-ade20k --dry-run"]
     assert "ade20k layout, 150 classes" in plan and "160000 steps" in plan
+
+
+# The detection block's variables: the tiny ViT above, 64 px crops, a small neck, 4 iterations.
+DETECT = {"MODEL__IMG_SIZE": "64", "MODEL__NECK_CHANNELS": "16", "MODEL__BOX_FC": "32", "MODEL__MASK_CONVS": "1",
+          "MODEL__ROI_BATCH": "32", "MODEL__ANCHOR_SIZES": "[8, 16, 32, 64, 128]", "TRAIN__ITERATIONS": "4",
+          "OPTIM__WARMUP_STEPS": "1", "VAL__EVERY": "2", "TRAIN__BATCH_SIZE": "2", "TRAIN__DEVICE": "cpu",
+          "TRAIN__PRECISION": "fp32", "DATA__WORKERS": "0", "TRAIN__LOGGERS": "[]"}
+
+
+def test_every_detection_command_runs_as_written(tmp_path):
+    from detection_photos import make_detection_set
+
+    commands = section_commands("Detection")
+    assert len(commands) >= 6
+    (tmp_path / "photos").mkdir()
+    for path in sample_photo_paths():
+        shutil.copy(path, tmp_path / "photos" / path.name)
+    make_detection_set(tmp_path / "SHAPES", 6, 2, 64)
+    make_detection_set(tmp_path / "coco", 4, 2, 64, layout="coco")
+    bin_dir = str(Path(sys.executable).parent)
+    env = cli_env(HOME=str(tmp_path), LOCALMIM_HOME=str(tmp_path / "home"),
+                  PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                  **{f"LOCALMIM_{k}": v for k, v in TINY["pretrain"].items()})
+    r = subprocess.run(["bash", "-c", "localmim pretrain ~/photos --preset demo --out runs/demo"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    printed = {}
+    for line in commands:
+        words = line.split()
+        assert words[0] == "localmim", line
+        shrink = DETECT if words[1] == "finetune" and "det-vit-b-coco" not in line else {}
+        env = cli_env(HOME=str(tmp_path), LOCALMIM_HOME=str(tmp_path / "home"),
+                      PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                      **{f"LOCALMIM_{k}": v for k, v in shrink.items()})
+        r = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{line}\n{r.stdout}\n{r.stderr}"
+        assert "Traceback" not in r.stderr, r.stderr
+        printed[line.split("#")[0].strip()] = r.stdout
+
+    run = tmp_path / "runs" / "det"
+    assert json.loads((run / "settings.json").read_text())["task"] == "detection"
+    assert (run / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert "already finished" in printed["localmim finetune SHAPES/ --preset det-small --out runs/det --resume"]
+    assert (tmp_path / "exports" / "det-d2" / "model_final.pth").is_file()
+    assert (tmp_path / "exports" / "demo-mmdet" / "backbone.pth").is_file()
+    plan = printed["localmim finetune coco/ --preset det-vit-b-coco --dry-run"]
+    assert "coco layout, 3 categories" in plan and "184375 steps" in plan

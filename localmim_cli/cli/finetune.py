@@ -19,9 +19,11 @@ def finetune(
         help="The task's data. classification: a folder with one subfolder of images per class "
              "(ImageFolder layout). segmentation: the ADE20K layout (images/{training,validation}, "
              "annotations/{training,validation}) or pairs (images/NAME.*, masks/NAME.png, optional "
-             "classes.txt). Optional with --resume.", show_default=False)] = None,
+             "classes.txt). detection: COCO instances, as COCO's layout (annotations/instances_{train,val}2017.json, "
+             "train2017/, val2017/), train/ and val/ each with annotations.json + images/, or one annotations.json "
+             "+ images/ with --val. Optional with --resume.", show_default=False)] = None,
     task: Annotated[Optional[str], typer.Option(
-        "--task", help="What to fine-tune for: classification (default) or segmentation. A preset "
+        "--task", help="What to fine-tune for: classification (default), segmentation or detection. A preset "
                        "or a resumed run brings its own task.")] = None,
     init: Annotated[Optional[Path], typer.Option(
         "--init", help="Start from: a pretrain run directory, a localmim checkpoint, a published "
@@ -33,7 +35,8 @@ def finetune(
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     val: Annotated[Optional[Path], typer.Option(
-        "--val", help="Separate validation folder with the same class subfolders (data.val_path).")] = None,
+        "--val", help="Separate validation folder (data.val_path): classification the same class subfolders, "
+                      "segmentation the same layout, detection annotations.json + images/.")] = None,
     val_fraction: Annotated[Optional[float], typer.Option(
         help="data.val_fraction: share of each class held out when there is no --val (0 = none)")] = None,
     epochs: EpochsOpt = None,
@@ -67,6 +70,10 @@ def finetune(
     Swin: its stages) at strides 4-32, UperNet with an FCN auxiliary head, random resize, crop,
     flip and photometric distortion, layer-wise lr decay, AdamW with warmup + poly over
     train.iterations (--iterations), validation mIoU (slide or whole inference).
+    detection: ViTDet's protocol on torchvision's Mask R-CNN (--set model.masks=false: Faster
+    R-CNN). A ViT through window attention with global blocks and ViTDet's simple pyramid from
+    its last block (a Swin: its stages and an FPN), large-scale jitter, layer-wise lr decay,
+    AdamW with warmup and steps over train.iterations, validation COCO box and mask AP.
     Writes into the run directory: settings.json, settings.provenance.json, classes.json,
     manifest.json, metrics.jsonl (training and validation lines), checkpoints/ (the last ones,
     and best/ by the task's validation score). Under torchrun every process runs this same

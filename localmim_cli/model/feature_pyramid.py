@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,11 +42,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from localmim_cli.errors import CheckpointError, ModelError
+from localmim_cli.model.levels import STRIDES, LoadReport, feature_info
 
 if TYPE_CHECKING:
     from localmim_cli.weights.sources import EncoderWeights, ViTShape
 
-STRIDES = (4, 8, 16, 32)
 
 
 def default_vit_taps(depth: int) -> list[int]:
@@ -59,14 +59,6 @@ def default_vit_taps(depth: int) -> list[int]:
     if depth >= 7:
         return [2, 4, depth - 2, depth]
     return [math.ceil(depth * k / 4) for k in (1, 2, 3, 4)]
-
-
-def feature_info(channels: list[int], modules: list[str]):
-    """timm's FeatureInfo for levels at strides 4..32."""
-    from timm.models._features import FeatureInfo
-
-    return FeatureInfo([{"num_chs": c, "reduction": s, "module": m} for c, s, m in zip(channels, STRIDES, modules)],
-                       out_indices=tuple(range(len(channels))))
 
 
 def resize_positions(pos_embed: torch.Tensor, old_grid: int, new_grid: int) -> torch.Tensor:
@@ -95,36 +87,6 @@ def rescale_op(channels: int, factor: float) -> nn.Module:
             layers += [nn.BatchNorm2d(channels), nn.GELU()]
         layers.append(nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2))
     return nn.Sequential(*layers)
-
-
-@dataclass
-class LoadReport:
-    """Which weights of a pyramid came from the checkpoint and which are new."""
-
-    source: str
-    loaded: list[str]                 # pyramid parameter/buffer names filled from the checkpoint
-    new: list[str]                    # parameter names that start fresh
-    unused: list[str] = field(default_factory=list)   # checkpoint tensors the pyramid has no place for
-    notes: list[str] = field(default_factory=list)
-
-    def describe(self) -> str:
-        """One line: how many tensors were loaded, the new parts by kind, what was left out."""
-        kinds = sorted({_kind(name) for name in self.new})
-        line = (f"init {self.source}: {len(self.loaded)} encoder tensors loaded; new: "
-                + (", ".join(kinds) if kinds else "nothing"))
-        if self.unused:
-            line += f"; not used: {', '.join(sorted({_kind(n) for n in self.unused}))}"
-        return line + "".join(f"; {note}" for note in self.notes)
-
-
-def _kind(name: str) -> str:
-    """A parameter name without its block/layer numbers: blocks.3.gamma_1 -> blocks.*.gamma_1;
-    the pyramid's levels as one."""
-    if name.startswith("levels."):
-        return "levels.* (pyramid)"
-    if name.startswith("norms."):
-        return "norms.* (a LayerNorm per stage)"
-    return re.sub(r"\.\d+(?=\.|$)", ".*", name)
 
 
 class ViTPyramid(nn.Module):

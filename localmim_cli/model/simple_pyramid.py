@@ -32,7 +32,6 @@ from torch.nn import functional as F
 from localmim_cli.errors import CheckpointError, ModelError
 
 if TYPE_CHECKING:
-    from localmim_cli.model.feature_pyramid import LoadReport
     from localmim_cli.weights.sources import EncoderWeights, ViTShape
 
 
@@ -140,7 +139,7 @@ class SimplePyramid(nn.Module):
     def __init__(self, shape: ViTShape, img_size: int, window_size: int = 14, global_blocks: list[int] | None = None,
                  rel_pos: bool = True, drop_path: float = 0.0):
         super().__init__()
-        from localmim_cli.model.feature_pyramid import STRIDES, feature_info
+        from localmim_cli.model.levels import STRIDES, feature_info
 
         patch = shape.patch_size
         factors = [patch / s for s in STRIDES]
@@ -174,7 +173,7 @@ class SimplePyramid(nn.Module):
         """The ViT's weights (timm names) into the encoder: the same names, positions kept at the
         pretraining grid (resampled at each forward), the cls token left out (ViTDet has none).
         A CheckpointError names the source when anything of the encoder is missing or misshapen."""
-        from localmim_cli.model.feature_pyramid import LoadReport
+        from localmim_cli.model.levels import LoadReport
 
         state = dict(weights.encoder_state())
         unused = sorted(k for k in weights.state if k not in state)

@@ -14,11 +14,11 @@ from localmim_cli.version import __version__
 from localmim_cli.cli import config as config_cmd
 from localmim_cli.cli import benchmark, evaluate, export, finetune, plot, plugins, presets, pretrain, visualize
 from localmim_cli.cli import runs as runs_cmd
-from localmim_cli.cli.options import NO_VALUE
+from localmim_cli.cli.options import App, NO_VALUE
 from localmim_cli.cli.output import console, err_console
 from localmim_cli.errors import RunAborted, RunInterrupted, UserError
 
-app = typer.Typer(
+app = App(
     name="localmim",
     help="LocalMIM (CVPR 2023): masked image modeling with local multi-scale reconstruction.\n\n"
          "Pretrain a vision backbone on a folder of images, look at what every scale "

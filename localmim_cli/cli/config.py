@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from localmim_cli.cli.options import NO_VALUE, ConfigOpt, PresetOpt, SetOpt
+from localmim_cli.cli.options import App, ConfigOpt, NO_VALUE, PresetOpt, SetOpt
 from localmim_cli.cli.output import console, print_settings
 
-app = typer.Typer(help="Show the settings a command would run with, and where each came from.",
+app = App(help="Show the settings a command would run with, and where each came from.",
                   no_args_is_help=True)
 
 

@@ -6,9 +6,42 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 # The metavar of a flag that takes no value: --help shows nothing after it (not "<bool>").
 NO_VALUE = ""
+
+
+class _BareFlags:
+    """Flags take no value, so --help shows no type after them. Typer would show `<bool>` after
+    the flags it adds itself (--help on every command, the completion flags) and after any flag
+    declared without metavar=NO_VALUE."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = NO_VALUE
+        return params
+
+
+class _Command(_BareFlags, TyperCommand):
+    pass
+
+
+class _Group(_BareFlags, TyperGroup):
+    pass
+
+
+class App(typer.Typer):
+    """The Typer application of `localmim` and of its command groups: every command's --help
+    line and every flag that takes no value show no type."""
+
+    def __init__(self, **kwargs):
+        super().__init__(cls=_Group, **kwargs)
+
+    def command(self, *args, cls=_Command, **kwargs):
+        return super().command(*args, cls=cls, **kwargs)
 
 PresetOpt = Annotated[Optional[str], typer.Option(
     "--preset", "-p", help="Named recipe (see `localmim presets list`) or a preset .toml file.")]

@@ -7,10 +7,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from localmim_cli.cli.options import NO_VALUE
+from localmim_cli.cli.options import App, NO_VALUE
 from localmim_cli.cli.output import console
 
-app = typer.Typer(help="Installed encoders and reconstruction targets.", no_args_is_help=True)
+app = App(help="Installed encoders and reconstruction targets.", no_args_is_help=True)
 
 
 @app.command("list")

@@ -6,11 +6,13 @@ import json
 from typing import Annotated, Optional
 
 import typer
+
+from localmim_cli.cli.options import App
 from rich.table import Table
 
 from localmim_cli.cli.output import console
 
-app = typer.Typer(help="Named, validated recipes: the paper's, and small ones for CPUs and one GPU.",
+app = App(help="Named, validated recipes: the paper's, and small ones for CPUs and one GPU.",
                   no_args_is_help=True)
 
 

@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from localmim_cli.cli.options import NO_VALUE
+from localmim_cli.cli.options import App, NO_VALUE
 from localmim_cli.cli.output import console
 
-app = typer.Typer(help="The runs on disk: status, steps, last loss, best accuracy.", no_args_is_help=True)
+app = App(help="The runs on disk: status, steps, last loss, best accuracy.", no_args_is_help=True)
 
 
 def _fmt(value, spec: str = "") -> str:

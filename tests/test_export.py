@@ -97,7 +97,8 @@ def test_published_checkpoint_exports_like_our_encoder(tmp_path_factory, tmp_pat
 
 
 def test_finetune_run_exports_with_and_without_head(tmp_path_factory, tmp_path):
-    from localmim_cli.weights.sources import ViTShape, create_vit
+    from localmim_cli.weights.encoder_weights import ViTShape
+    from localmim_cli.weights.sources import create_vit
 
     train, _ = photo_sets(tmp_path_factory)
     run = tmp_path / "ft"

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from localmim_cli.model.feature_pyramid import StagePyramid, ViTPyramid, default_vit_taps, resize_positions
-from localmim_cli.weights.sources import EncoderWeights, ViTShape, create_vit
+from localmim_cli.weights.encoder_weights import EncoderWeights, ViTShape
+from localmim_cli.weights.sources import create_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

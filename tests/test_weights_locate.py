@@ -24,7 +24,8 @@ from localmim_cli.errors import CheckpointError
 from localmim_cli.weights.loading import load_exactly
 from localmim_cli.weights.locate import CheckpointFolder, ExportFolder, TensorFile, locate
 from localmim_cli.weights.published import heads_for, published_vit_dims, read_published, settings_from_published
-from localmim_cli.weights.sources import ViTShape, load_encoder_weights, reference_feature_model
+from localmim_cli.weights.encoder_weights import ViTShape
+from localmim_cli.weights.sources import load_encoder_weights, reference_feature_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 VIT_WEIGHTS = SHARED / "vit_hog_reference_weights.safetensors"

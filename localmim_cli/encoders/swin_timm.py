@@ -26,8 +26,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from localmim_cli.encoders.swin_options import SwinOptions
+
 if TYPE_CHECKING:
-    from localmim_cli.encoders.swin import MaskedSwin, SwinOptions
+    # Not swin.MaskedSwin: swin.py calls this module, and this one does not call back.
+    from localmim_cli.encoders.base import MaskedEncoder
 
 
 def swap_merge_chunks(weight: torch.Tensor) -> torch.Tensor:
@@ -37,7 +40,7 @@ def swap_merge_chunks(weight: torch.Tensor) -> torch.Tensor:
     return chunks[..., [0, 2, 1, 3], :].flatten(-2).contiguous()
 
 
-def timm_architecture(options: "SwinOptions") -> str:
+def timm_architecture(options: SwinOptions) -> str:
     """A registered timm Swin name: the one of this size when it is a published size with 4-px
     patches, else swin_tiny's. `model_args` carries every size (window and image size too), so
     the name only tells people and `finetune --set model.arch=...` which size this is."""
@@ -45,7 +48,7 @@ def timm_architecture(options: "SwinOptions") -> str:
     return f"{size or 'swin_tiny'}_patch4_window7_224"
 
 
-def timm_model_args(options: "SwinOptions", img_size: int) -> dict[str, Any]:
+def timm_model_args(options: SwinOptions, img_size: int) -> dict[str, Any]:
     """timm.create_model keyword arguments (JSON-ready) that give this encoder's structure."""
     return {"img_size": img_size, "patch_size": options.patch_size, "window_size": options.window_size,
             "embed_dim": options.embed_dim, "depths": list(options.depths), "num_heads": list(options.num_heads),
@@ -66,7 +69,8 @@ def timm_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_timm_swin(encoder: "MaskedSwin") -> nn.Module:
+def to_timm_swin(encoder: "MaskedEncoder") -> nn.Module:
+    """`encoder` is a swin.MaskedSwin (its stages, grid and options are read)."""
     import timm
 
     options = encoder.options

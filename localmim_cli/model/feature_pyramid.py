@@ -45,7 +45,7 @@ from localmim_cli.errors import CheckpointError, ModelError
 from localmim_cli.model.levels import STRIDES, LoadReport, feature_info
 
 if TYPE_CHECKING:
-    from localmim_cli.weights.sources import EncoderWeights, ViTShape
+    from localmim_cli.weights.encoder_weights import EncoderWeights, ViTShape
 
 
 
@@ -244,7 +244,7 @@ class PyramidSpec:
 
     def describe(self) -> str:
         if self.kind in ("vit", "vit_simple"):
-            from localmim_cli.weights.sources import ViTShape
+            from localmim_cli.weights.encoder_weights import ViTShape
             how = "BEiT pyramid" if self.kind == "vit" else "ViTDet simple pyramid from the last block"
             return ViTShape(**self.vit).describe().rsplit(",", 1)[0] + f", {self.img_size} px crops, " \
                                                                         f"{how} (strides 4-32)"
@@ -290,7 +290,7 @@ def build_pyramid(spec: PyramidSpec, *, taps: list[int] | None = None, drop_path
     """A pyramid of fresh weights as `spec` says (a resumed run loads its own). taps,
     rel_pos_bias, layer_scale: BEiT's ViT; window_size, global_blocks, rel_pos: ViTDet's."""
     if spec.kind in ("vit", "vit_simple"):
-        from localmim_cli.weights.sources import ViTShape
+        from localmim_cli.weights.encoder_weights import ViTShape
         if spec.kind == "vit_simple":
             from localmim_cli.model.simple_pyramid import SimplePyramid
             return SimplePyramid(ViTShape(**spec.vit), spec.img_size, window_size, global_blocks, rel_pos, drop_path)

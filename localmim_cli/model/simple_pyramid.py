@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from localmim_cli.errors import CheckpointError, ModelError
 
 if TYPE_CHECKING:
-    from localmim_cli.weights.sources import EncoderWeights, ViTShape
+    from localmim_cli.weights.encoder_weights import EncoderWeights, ViTShape
 
 
 def default_global_blocks(depth: int) -> list[int]:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
     from rich.console import Console
 
-    from localmim_cli.weights.sources import EncoderWeights
+    from localmim_cli.weights.encoder_weights import EncoderWeights
     from localmim_cli.config.schema import EvaluateSettings
 
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from localmim_cli.config.layers import Resolved
     from localmim_cli.tasks.recipe import Recipe
-    from localmim_cli.weights.sources import EncoderWeights
+    from localmim_cli.weights.encoder_weights import EncoderWeights
 
 # Settings any resume may change: which task a run is cannot change (config.resolve.choose_task
 # keeps the run's), and a run from before tasks had names has none recorded.

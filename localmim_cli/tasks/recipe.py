@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from localmim_cli.engine.checkpoints import Checkpoint
     from localmim_cli.engine.loop import Placement
     from localmim_cli.engine.task import Position, RunLog
-    from localmim_cli.weights.sources import EncoderWeights
+    from localmim_cli.weights.encoder_weights import EncoderWeights
 
 BEST = "best"  # checkpoints/best: the best validation score of the run
 

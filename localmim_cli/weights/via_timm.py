@@ -28,7 +28,7 @@ from localmim_cli.weights.loading import load_exactly
 if TYPE_CHECKING:
     import torch
 
-    from localmim_cli.weights.sources import EncoderWeights
+    from localmim_cli.weights.encoder_weights import EncoderWeights
 
 VIA = "to_timm"
 

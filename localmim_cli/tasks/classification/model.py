@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     import torch
 
     from localmim_cli.config.schema import FinetuneSettings
-    from localmim_cli.weights.sources import EncoderWeights, ViTShape
+    from localmim_cli.weights.encoder_weights import EncoderWeights, ViTShape
     from localmim_cli.weights.via_timm import PluginShape
 
 

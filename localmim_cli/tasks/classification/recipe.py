@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from localmim_cli.engine.loop import Placement
     from localmim_cli.engine.task import Position, RunLog
     from localmim_cli.tasks.features import LabelledSplit
-    from localmim_cli.weights.sources import EncoderWeights, ViTShape
+    from localmim_cli.weights.encoder_weights import EncoderWeights, ViTShape
     from localmim_cli.weights.via_timm import PluginShape
 
 
@@ -61,7 +61,7 @@ class ClassificationRecipe(Recipe):
 
     def model_shape(self, settings: "FinetuneSettings", weights: "EncoderWeights | None",
                     resumed: "Checkpoint | None" = None) -> "ViTShape | PluginShape":
-        from localmim_cli.weights.sources import ViTShape
+        from localmim_cli.weights.encoder_weights import ViTShape
         from localmim_cli.weights.via_timm import shape_from_record
 
         if resumed is None:

@@ -26,7 +26,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,6 @@ from localmim_cli.errors import DataError
 
 if TYPE_CHECKING:
     from localmim_cli.config.detection import DetDataSettings
-    from localmim_cli.tasks.detection.augment import LargeScaleJitter
 
 EDGE_SLACK = 1.0   # pixels a box may reach past its image's edge (rounding in exported annotations)
 
@@ -372,13 +371,18 @@ def instance_mask(inst: Instance, height: int, width: int) -> np.ndarray:
 # Datasets
 
 
+# (H, W, 3) uint8 RGB, its instances, whether to make masks, a generator -> (image, target):
+# augment.LargeScaleJitter, which imports this module (so it is not named here).
+Augment = Callable[[np.ndarray, Sequence[Instance], bool, torch.Generator], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
 class DetTrainSamples(Dataset):
     """Training images through large-scale jitter, keyed by (epoch, index) (see
     engine.task.TrainingTask) and seeded per (seed, epoch, index). Length len(images) * repeats.
     Items: (image (3, h, w) float in [0, 1], target {"boxes" (N, 4) x1 y1 x2 y2, "labels" (N,),
     "masks" (N, h, w) uint8 when masks}); the crowd instances are not among them."""
 
-    def __init__(self, images: Sequence[DetImage], augment: LargeScaleJitter, masks: bool, seed: int,
+    def __init__(self, images: Sequence[DetImage], augment: Augment, masks: bool, seed: int,
                  repeats: int = 1):
         self.images, self.augment, self.masks = list(images), augment, masks
         self.seed, self.repeats = seed, repeats

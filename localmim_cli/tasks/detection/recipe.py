@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from localmim_cli.model.feature_pyramid import PyramidSpec
     from localmim_cli.tasks.detection.data import DetData, DetImage
     from localmim_cli.tasks.detection.model import Detector
-    from localmim_cli.weights.sources import EncoderWeights
+    from localmim_cli.weights.encoder_weights import EncoderWeights
 
 
 class DetectionRecipe(Recipe):

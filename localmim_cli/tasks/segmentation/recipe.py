@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from localmim_cli.model.feature_pyramid import PyramidSpec
     from localmim_cli.tasks.segmentation.data import SegData
     from localmim_cli.tasks.segmentation.model import Segmenter
-    from localmim_cli.weights.sources import EncoderWeights
+    from localmim_cli.weights.encoder_weights import EncoderWeights
 
 
 class SegmentationRecipe(Recipe):

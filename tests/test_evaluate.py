@@ -128,7 +128,7 @@ def test_linear_and_fewshot_probes_share_cached_features(tmp_path_factory, tmp_p
     assert five["mean"] >= one["mean"] - 5
 
     # A different preprocessing is a different cache entry, never a stale hit.
-    other = evaluate(pretrained, data, "--protocol", "knn", "--set", "crop_fraction=1.0",
+    other = evaluate(pretrained, data, "--protocol", "knn", "--set", "data.eval_crop_fraction=1.0",
                      "--out", tmp_path / "knn2.json")
     assert other["features"]["cache_hits"] == 0 and len(set(cache.glob("*.safetensors")) - files) == 2
     assert not (pretrained / "evaluations").exists()     # --out was given each time

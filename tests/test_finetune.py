@@ -64,7 +64,7 @@ def test_finetune_cli_learns_the_photo_classes(tmp_path_factory, tmp_path):
     assert settings["optim"]["layer_decay"] == 0.75 and settings["mixup"]["prob"] == 0.5  # from ft-small
 
     # Held-out crops the run never saw: well above the 1-in-7 chance.
-    results, path = run_evaluation(run, heldout, EvaluateSettings(workers=0, device="cpu"), Console(quiet=True))
+    results, path = run_evaluation(run, heldout, EvaluateSettings(data={"workers": 0}, train={"device": "cpu"}), Console(quiet=True))
     assert path.parent == run / "evaluations" and path.name.endswith("-classifier.json") and path.is_file()
     assert results["images"] == 70
     assert results["top1"] >= 40.0, results["top1"]
@@ -72,12 +72,12 @@ def test_finetune_cli_learns_the_photo_classes(tmp_path_factory, tmp_path):
     assert {row["class"] for row in results["per_class"]} == set(CLASSES)
     assert sum(row["correct"] for row in results["per_class"]) == round(results["top1"] * 70 / 100)
 
-    best_results, _ = run_evaluation(run / "checkpoints" / "best", heldout, EvaluateSettings(workers=0, device="cpu"),
+    best_results, _ = run_evaluation(run / "checkpoints" / "best", heldout, EvaluateSettings(data={"workers": 0}, train={"device": "cpu"}),
                                      Console(quiet=True))
     assert best_results["images"] == 70 and best_results["checkpoint_kind"] == "finetune"
 
     # DATA = the training folder: scored on the images the run held out, not on what it trained on.
-    again, again_path = run_evaluation(run, train, EvaluateSettings(workers=0, device="cpu"), Console(quiet=True))
+    again, again_path = run_evaluation(run, train, EvaluateSettings(data={"workers": 0}, train={"device": "cpu"}), Console(quiet=True))
     assert again_path != path and path.is_file() and again_path.is_file()   # a new file, nothing overwritten
     assert "held out" in again["evaluated_on"]
     assert again["images"] == val_lines(run)[-1]["val_images"]

@@ -5,12 +5,16 @@ under FSDP, and modules that import each other."""
 
 from __future__ import annotations
 
+import json
+
 import click
 import typer
 from typer.testing import CliRunner
 
 from conftest import run_cli
+from localmim_cli.config.layers import _leaves
 from test_first_use import assert_user_error
+from tiny_runs import photo_sets, tiny_pretrain_run
 
 
 def test_config_show_reads_a_finetune_preset_as_finetune_settings():
@@ -43,3 +47,35 @@ def test_no_help_shows_a_type_after_a_flag():
     for path in ((), ("evaluate",)):
         shown = run_cli(*path, "--help")
         assert shown.returncode == 0 and "--help" in shown.stdout and "<bool>" not in shown.stdout, shown.stdout
+
+
+# ------------------------------------------------------------------------------ evaluate's settings
+
+
+def test_evaluate_speaks_the_vocabulary_of_pretrain_and_finetune(tmp_path_factory, tmp_path):
+    from localmim_cli.config.tasks import COMMANDS
+
+    shared = {"data.workers", "data.val_path", "model.img_size", "train.batch_size", "train.device",
+              "train.precision", "train.seed"}
+    names = {command: {".".join(k) for k, _ in _leaves(schema().model_dump())} for command, schema in COMMANDS.items()}
+    assert shared <= names["evaluate"] and shared <= names["finetune"] and shared - {"data.val_path"} <= names["pretrain"]
+    assert "data.eval_crop_fraction" in names["evaluate"] & names["finetune"]
+
+    run, (train, heldout) = tiny_pretrain_run(tmp_path_factory), photo_sets(tmp_path_factory)
+    config = tmp_path / "evaluate.toml"
+    config.write_text('[data]\nworkers = 0\neval_crop_fraction = 1.0\n[train]\ndevice = "cpu"\nbatch_size = 8\n')
+    scored = run_cli("evaluate", run, train, "--protocol", "knn", "--config", config, "--val", heldout,
+                     "--set", "train.seed=3", "--out", tmp_path / "knn.json")
+    assert scored.returncode == 0, scored.stderr
+    settings = json.loads((tmp_path / "knn.json").read_text())["settings"]
+    assert settings["data"] == {**settings["data"], "workers": 0, "eval_crop_fraction": 1.0, "val_path": str(heldout)}
+    assert settings["train"] == {"batch_size": 8, "device": "cpu", "precision": "auto", "seed": 3}
+
+    # The old flat names: refused, one line each naming the new one, from --set and from a file.
+    old = run_cli("evaluate", run, train, "--set", "workers=0", "--set", "crop_fraction=1.0")
+    assert_user_error(old, "workers (from flag:--set): renamed to data.workers",
+                      "crop_fraction (from flag:--set): renamed to data.eval_crop_fraction")
+    (tmp_path / "old.json").write_text(json.dumps({"seed": 1, "batch_size": 8, "knn": {"k": 5}}))
+    assert_user_error(run_cli("evaluate", run, train, "--config", tmp_path / "old.json"),
+                      f"seed (from file:{tmp_path / 'old.json'}): renamed to train.seed",
+                      "batch_size (from file:", "renamed to train.batch_size")

@@ -21,9 +21,9 @@ def evaluate(
         help="classifier (a fine-tuned model's head), knn, linear, fewshot; default: classifier for "
              "fine-tuned models, knn otherwise")] = None,
     val: Annotated[Optional[Path], typer.Option(
-        "--val", help="Separate validation folder with the same class subfolders.")] = None,
+        "--val", help="data.val_path: separate validation folder with the same class subfolders.")] = None,
     val_fraction: Annotated[Optional[float], typer.Option(
-        help="Share of each class of DATA held out as validation for the probes (val_fraction).")] = None,
+        help="data.val_fraction: share of each class of DATA held out as validation for the probes.")] = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Results JSON. Default: a new file per evaluation, <run dir>/evaluations/"
                             "<UTC time>-<protocol>.json (./evaluations/... for a checkpoint outside a run).")] = None,
@@ -35,12 +35,12 @@ def evaluate(
     way: Annotated[Optional[int], typer.Option(help="fewshot.way, classes per episode")] = None,
     shot: Annotated[Optional[list[int]], typer.Option(help="fewshot.shots (repeatable)")] = None,
     episodes: Annotated[Optional[int], typer.Option(help="fewshot.episodes")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="batch_size for feature extraction")] = None,
-    img_size: Annotated[Optional[int], typer.Option(help="img_size (default: the checkpoint's)")] = None,
-    device: Annotated[Optional[str], typer.Option(help="device: auto, cpu, cuda, cuda:N")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="precision: auto, bf16, fp16, fp32")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="loader processes")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="seed of the split, the sweep and the episodes")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="train.batch_size, images per forward")] = None,
+    img_size: Annotated[Optional[int], typer.Option(help="model.img_size (default: the checkpoint's)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="train.device: auto, cpu, cuda, cuda:N")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="train.precision: auto, bf16, fp16, fp32")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="data.workers, loader processes")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="train.seed: of the split, the sweep and the episodes")] = None,
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", metavar=NO_VALUE, help="Recompute features; write no cache.")] = False,
     config: Annotated[Optional[Path], typer.Option(
@@ -58,10 +58,12 @@ def evaluate(
     from localmim_cli.config.schema import EvaluateSettings
     from localmim_cli.tasks.evaluate import print_results, run_evaluation
 
-    flags = {"protocol": protocol, "val_path": str(val) if val else None, "val_fraction": val_fraction,
+    flags = {"protocol": protocol, "data.val_path": str(val) if val else None, "data.val_fraction": val_fraction,
              "knn.k": k, "knn.temperature": temperature, "fewshot.way": way, "fewshot.shots": shot or None,
-             "fewshot.episodes": episodes, "batch_size": batch_size, "img_size": img_size, "device": device,
-             "precision": precision, "workers": workers, "seed": seed, "cache": False if no_cache else None}
-    resolved = resolve_settings(EvaluateSettings, None, config, set_, flags)
+             "fewshot.episodes": episodes, "train.batch_size": batch_size, "model.img_size": img_size,
+             "train.device": device, "train.precision": precision, "data.workers": workers, "train.seed": seed,
+             "cache": False if no_cache else None}
+    resolved = resolve_settings(EvaluateSettings, None, config, set_, flags,
+                                flag_names={"data.val_path": "--val", "fewshot.shots": "--shot", "cache": "--no-cache"})
     results, path = run_evaluation(checkpoint, data, resolved.settings, console, out, overwrite)
     print_results(results, path, console)

@@ -276,6 +276,7 @@ def resolve(schema: type[BaseModel], *, preset: dict[str, Any] | None = None, pr
                      flag_layers(flags or {}, flag_names), set_layers(list(sets or []), schema)):
         layers += new
         problems += bad
+    problems += renamed_problems(schema, layers[1:] if base is not None else layers)
     if problems:
         raise SettingsError(problems)
 
@@ -299,6 +300,20 @@ def resolve(schema: type[BaseModel], *, preset: dict[str, Any] | None = None, pr
     dotted = {".".join(k): v for k, v in provenance.items()}
     full = {".".join(k): dotted.get(".".join(k), DEFAULT) for k, _ in _leaves(settings.model_dump(mode="json"))}
     return Resolved(settings, full, [DEFAULT] + list(dict.fromkeys(l.label for l in layers)), plugin_options)
+
+
+def renamed_problems(schema: type[BaseModel], layers: list[Layer]) -> list[str]:
+    """One line per setting a layer gives by a name the schema has renamed (its RENAMED: old
+    dotted name -> new), naming the new one; a resumed run's own settings are not checked."""
+    renamed: dict[str, str] = getattr(schema, "RENAMED", {})
+    lines = []
+    for layer in layers:
+        for path, _ in _leaves(layer.values):
+            old = next((".".join(path[:i]) for i in range(1, len(path) + 1) if ".".join(path[:i]) in renamed), None)
+            if old is not None:
+                lines.append(f"{_fmt(path)} (from {layer.label}): renamed to {renamed[old]}, the name "
+                             f"the other commands give it; write {renamed[old]}")
+    return lines
 
 
 def _defaults(schema: type[BaseModel]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -337,22 +337,43 @@ class FewshotSettings(Strict):
                                                         "(cosine), or logistic regression on the support")
 
 
-class EvaluateSettings(Strict):
-    """Everything `localmim evaluate` reads."""
-
-    protocol: Literal["auto", "classifier", "knn", "linear", "fewshot"] = Field(
-        "auto", description="auto = classifier for fine-tuned models, knn otherwise")
+class EvaluateDataSettings(Strict):
     val_path: Path | None = Field(None, description="separate validation folder; else DATA is split")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="share of each class of DATA held out as "
                                                              "validation for the probes")
+    workers: int = Field(2, ge=0, le=MAX_WORKERS, description="loader processes")
+    eval_crop_fraction: float = Field(0.875, gt=0, le=1, description="resize the short side to img_size / "
+                                                                     "this, then centre crop")
+
+
+class EvaluateModelSettings(Strict):
     img_size: int | None = Field(None, ge=8, le=MAX_IMG_SIZE, description="input side; empty = the checkpoint's")
-    crop_fraction: float = Field(0.875, gt=0, le=1, description="resize the short side to img_size / this, "
-                                                                "then centre crop")
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
-    workers: int = Field(2, ge=0, le=MAX_WORKERS)
-    device: Device = "auto"
+
+
+class EvaluateTrainSettings(Strict):
+    """How the evaluation computes; `train` as in the other commands, so one name means one thing."""
+
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH, description="images per forward")
+    device: Device = Field("auto", description="auto, cpu, mps, cuda, cuda:N")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    seed: int = Field(0, **SEED_RANGE)
+    seed: int = Field(0, **SEED_RANGE, description="seed of the split, the linear probe's sweep and the episodes")
+
+
+class EvaluateSettings(Strict):
+    """Everything `localmim evaluate` reads."""
+
+    # The flat names of earlier versions, refused with the new name (config/layers.py).
+    RENAMED: ClassVar[dict[str, str]] = {
+        "val_path": "data.val_path", "val_fraction": "data.val_fraction", "workers": "data.workers",
+        "crop_fraction": "data.eval_crop_fraction", "img_size": "model.img_size",
+        "batch_size": "train.batch_size", "device": "train.device", "precision": "train.precision",
+        "seed": "train.seed"}
+
+    protocol: Literal["auto", "classifier", "knn", "linear", "fewshot"] = Field(
+        "auto", description="auto = classifier for fine-tuned models, knn otherwise")
+    data: EvaluateDataSettings = Field(default_factory=EvaluateDataSettings)
+    model: EvaluateModelSettings = Field(default_factory=EvaluateModelSettings)
+    train: EvaluateTrainSettings = Field(default_factory=EvaluateTrainSettings)
     cache: bool = Field(True, description="reuse features cached by an earlier run with the same "
                                           "checkpoint, images and preprocessing")
     knn: KnnSettings = Field(default_factory=KnnSettings)

@@ -64,9 +64,9 @@ def classifier_split(weights: "EncoderWeights", data: Path, settings: "EvaluateS
     from localmim_cli.tasks.features import labelled_split
 
     classes = list(weights.classes or [])
-    if settings.val_path is not None:
-        split = labelled_split(data, settings.val_path, 0.0, settings.seed, classes=classes)
-        return split.val, f"the images of --val {settings.val_path}"
+    if settings.data.val_path is not None:
+        split = labelled_split(data, settings.data.val_path, 0.0, settings.train.seed, classes=classes)
+        return split.val, f"the images of --val {settings.data.val_path}"
     run_data = ((weights.meta.get("settings") or {}).get("data") or {})
     trained_on = run_data.get("path")
     if (weights.kind == "finetune" and trained_on and not run_data.get("val_path")
@@ -75,7 +75,7 @@ def classifier_split(weights: "EncoderWeights", data: Path, settings: "EvaluateS
         split = labelled_split(data, None, float(run_data["val_fraction"]), seed, classes=classes)
         return split.val, (f"the {run_data['val_fraction']:g} of each class the run held out "
                            f"(DATA is its training folder)")
-    split = labelled_split(data, None, 0.0, settings.seed, classes=classes)
+    split = labelled_split(data, None, 0.0, settings.train.seed, classes=classes)
     return split.train, f"all {len(split.train)} images of {data}"
 
 
@@ -96,14 +96,14 @@ def run_evaluation(checkpoint: Path, data: Path, settings: "EvaluateSettings", c
         outputs.check_file(out, outputs.EVALUATION, overwrite)
     weights = load_encoder_weights(checkpoint)
     protocol = choose_protocol(settings.protocol, weights)
-    device = choose_device(settings.device, World())
-    precision = resolve_precision(settings.precision, device)
-    img_size = settings.img_size or native_img_size(weights)
+    device = choose_device(settings.train.device, World())
+    precision = resolve_precision(settings.train.precision, device)
+    img_size = settings.model.img_size or native_img_size(weights)
     results: dict[str, Any] = {
         outputs.WRITTEN_BY: outputs.mark("evaluate"),   # what lets a later --overwrite replace this file
         "protocol": protocol, "checkpoint": str(checkpoint), "checkpoint_kind": weights.kind,
         "model": weights.shape.describe() if weights.shape.depth else weights.encoder_name,
-        "img_size": img_size, "crop_fraction": settings.crop_fraction, "seed": settings.seed,
+        "img_size": img_size, "crop_fraction": settings.data.eval_crop_fraction, "seed": settings.train.seed,
         "localmim": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": settings.model_dump(mode="json"),
     }
@@ -119,12 +119,12 @@ def run_evaluation(checkpoint: Path, data: Path, settings: "EvaluateSettings", c
         console.print(f"scoring {len(samples)} images: {what}")
         classes = list(weights.classes or [])
         model = classifier_model(weights, img_size)
-        logits, labels = extract(model, samples, img_size, settings.crop_fraction, settings.batch_size,
-                                 settings.workers, device, precision, console, label="classifying")
+        logits, labels = extract(model, samples, img_size, settings.data.eval_crop_fraction, settings.train.batch_size,
+                                 settings.data.workers, device, precision, console, label="classifying")
         results.update(topk_accuracy(logits, labels), evaluated_on=what, images=len(samples), classes=classes)
         results["per_class"] = per_class_report(logits.argmax(1), labels, classes)
     else:
-        split = labelled_split(data, settings.val_path, settings.val_fraction, settings.seed)
+        split = labelled_split(data, settings.data.val_path, settings.data.val_fraction, settings.train.seed)
         if not split.val:
             raise DataError(f"{data}: no validation images: give --val DIR or a --val-fraction above 0")
         if len(split.classes) < 2:
@@ -132,15 +132,15 @@ def run_evaluation(checkpoint: Path, data: Path, settings: "EvaluateSettings", c
         console.print(f"data: {split.describe()}")
         cache = FeatureCache(cache_dir_for(weights.run_dir), enabled=settings.cache)
         holder: dict[str, torch.nn.Module] = {}
-        common = dict(batch_size=settings.batch_size, workers=settings.workers, device=device,
+        common = dict(batch_size=settings.train.batch_size, workers=settings.data.workers, device=device,
                       precision=precision, model_holder=holder)
         factory = lambda: reference_feature_model(weights, img_size)  # noqa: E731
         identity = weights.identity()
         train_f, train_y = features_for(factory, identity, split.train, split.classes, img_size,
-                                        settings.crop_fraction, cache, **common, console=console,
+                                        settings.data.eval_crop_fraction, cache, **common, console=console,
                                         label="features (train)")
         val_f, val_y = features_for(factory, identity, split.val, split.classes, img_size,
-                                    settings.crop_fraction, cache, **common, console=console,
+                                    settings.data.eval_crop_fraction, cache, **common, console=console,
                                     label="features (val)")
         results["data"] = split_record(split)
         results["features"] = {"dim": int(train_f.shape[1]), "cache": str(cache.folder) if settings.cache else None,
@@ -162,13 +162,13 @@ def _run_probe(protocol: str, train_f, train_y, val_f, val_y, classes: list[str]
         return {**probes.topk_accuracy(scores, val_y), "knn": settings.knn.model_dump(),
                 "per_class": probes.per_class_report(scores.argmax(1), val_y, classes)}
     if protocol == "linear":
-        fit = probes.linear_probe(train_f, train_y, val_f, val_y, n, settings.linear, settings.seed, device)
+        fit = probes.linear_probe(train_f, train_y, val_f, val_y, n, settings.linear, settings.train.seed, device)
         return {**probes.topk_accuracy(fit["scores"], val_y), "linear": settings.linear.model_dump(),
                 "best": fit["best"], "sweep": fit["sweep"], "fit_images": fit["fit_images"],
                 "holdout_images": fit["holdout_images"],
                 "per_class": probes.per_class_report(fit["scores"].argmax(1), val_y, classes)}
     if protocol == "fewshot":
-        return {"fewshot": probes.fewshot(train_f, train_y, val_f, val_y, n, settings.fewshot, settings.seed,
+        return {"fewshot": probes.fewshot(train_f, train_y, val_f, val_y, n, settings.fewshot, settings.train.seed,
                                           device), "fewshot_settings": settings.fewshot.model_dump()}
     raise ValueError(f"unknown protocol {protocol!r}")
 

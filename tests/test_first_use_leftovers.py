@@ -11,7 +11,7 @@ import click
 import typer
 from typer.testing import CliRunner
 
-from conftest import run_cli
+from conftest import cli_env, run_cli
 from localmim_cli.config.layers import _leaves
 from test_first_use import assert_user_error
 from tiny_runs import photo_sets, tiny_pretrain_run
@@ -50,6 +50,29 @@ def test_no_help_shows_a_type_after_a_flag():
 
 
 # ------------------------------------------------------------------------------ evaluate's settings
+
+
+def test_evaluate_takes_the_other_commands_variables_and_names_only_its_own(tmp_path_factory, tmp_path):
+    """Variables exported for a pretraining (train.epochs is not an evaluation's setting) leave an
+    evaluation one dim note; the ones it shares (data.workers, train.device) apply to it."""
+    run, (train, _) = tiny_pretrain_run(tmp_path_factory), photo_sets(tmp_path_factory)
+    exported = {"LOCALMIM_TRAIN__EPOCHS": "1", "LOCALMIM_TRAIN__ACCUM_STEPS": "1",
+                "LOCALMIM_DATA__WORKERS": "0", "LOCALMIM_TRAIN__DEVICE": "cpu"}
+    scored = run_cli("evaluate", run, train, "--protocol", "knn", "--out", tmp_path / "knn.json",
+                     env=cli_env(**exported))
+    assert scored.returncode == 0, scored.stderr
+    notes = [line for line in scored.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "LOCALMIM_TRAIN__ACCUM_STEPS, LOCALMIM_TRAIN__EPOCHS" in notes[0], scored.stderr
+    settings = json.loads((tmp_path / "knn.json").read_text())["settings"]
+    assert settings["data"]["workers"] == 0 and settings["train"]["device"] == "cpu"
+
+    # A variable that is no command's setting is still refused, naming it.
+    assert_user_error(run_cli("evaluate", run, train, env=cli_env(LOCALMIM_TRAIN__EPOCHZ="1")),
+                      "train.epochz", "env:LOCALMIM_TRAIN__EPOCHZ", "unknown setting")
+    # Nor is a pretraining stopped by an evaluation's own variable: a note, and the run's values.
+    shown = run_cli("config", "show", "--resolved", env=cli_env(LOCALMIM_KNN__K="5", LOCALMIM_MIXUP__PROB="0"))
+    assert shown.returncode == 0, shown.stderr
+    assert "LOCALMIM_KNN__K, LOCALMIM_MIXUP__PROB" in shown.stderr and "knn" not in json.loads(shown.stdout)
 
 
 def test_evaluate_speaks_the_vocabulary_of_pretrain_and_finetune(tmp_path_factory, tmp_path):

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from localmim_cli.cli.options import NO_VALUE, BatchOpt, ConfigOpt, DeviceOpt, PrecisionOpt, PresetOpt, SetOpt
-from localmim_cli.cli.output import console, err_console
+from localmim_cli.cli.output import console, err_console, note_others_env
 from localmim_cli.errors import UsageError
 
 
@@ -61,6 +61,7 @@ def benchmark(
     flags = {"data.path": str(data) if data else None, "train.batch_size": batch_size,
              "train.device": device, "train.precision": precision, "train.compile": compile_}
     resolved = resolve_settings(PretrainSettings, preset, config, set_, flags)
+    note_others_env(resolved)
     second = task.against_settings(against, resolved.settings) if against else None
     label = preset or (config.name if config else "defaults")
     if set_:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from localmim_cli.cli.options import App, ConfigOpt, NO_VALUE, PresetOpt, SetOpt
-from localmim_cli.cli.output import console, print_settings
+from localmim_cli.cli.output import console, note_others_env, print_settings
 
 app = App(help="Show the settings a command would run with, and where each came from.",
                   no_args_is_help=True)
@@ -35,6 +35,7 @@ def show(
     if command == "finetune":
         task = choose_task(task, preset, config)
     resolved = resolve_settings(schema_for(command, task, "--command"), preset, config, set_)
+    note_others_env(resolved)
     if resolved_only:
         console.print_json(json.dumps(resolved.settings.model_dump(mode="json")))
     else:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from localmim_cli.cli.options import NO_VALUE
-from localmim_cli.cli.output import console
+from localmim_cli.cli.output import console, note_others_env
 
 
 def evaluate(
@@ -65,5 +65,6 @@ def evaluate(
              "cache": False if no_cache else None}
     resolved = resolve_settings(EvaluateSettings, None, config, set_, flags,
                                 flag_names={"data.val_path": "--val", "fewshot.shots": "--shot", "cache": "--no-cache"})
+    note_others_env(resolved)
     results, path = run_evaluation(checkpoint, data, resolved.settings, console, out, overwrite)
     print_results(results, path, console)

@@ -10,7 +10,7 @@ import typer
 from localmim_cli.cli.options import (NO_VALUE, AccumOpt, BaseLrOpt, BatchOpt, ConfigOpt, DeviceOpt,
                                       EpochsOpt, OutOpt, OverwriteOpt, PrecisionOpt, PresetOpt, ResumeOpt,
                                       SeedOpt, SetOpt, WorkersOpt)
-from localmim_cli.cli.output import console, print_settings
+from localmim_cli.cli.output import console, note_others_env, print_settings
 from localmim_cli.errors import UsageError
 
 
@@ -98,6 +98,7 @@ def finetune(
              "train.precision": precision, "train.device": device, "train.seed": seed, "data.workers": workers}
     resolved = (resolve_resumed(schema, out, preset, config, set_, flags) if resume
                 else resolve_settings(schema, preset, config, set_, flags))
+    note_others_env(resolved)
     run_dir = out or runs.default_run_dir(preset or "finetune")
     if dry_run:
         if resume:

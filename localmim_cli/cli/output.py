@@ -21,3 +21,11 @@ def print_settings(resolved) -> None:
     for path, value, source in resolved.as_rows(plugin_defaults=True):
         table.add_row(path, json.dumps(value), source)
     console.print(table)
+
+
+def note_others_env(resolved) -> None:
+    """One dim line on stderr naming the LOCALMIM_* variables left to other commands, if any."""
+    if resolved.others_env:
+        names = ", ".join(resolved.others_env)
+        err_console.print(f"[dim]note: {names} {'is a setting' if len(resolved.others_env) == 1 else 'are settings'} "
+                          f"of another command, not this one: left out[/]", highlight=False)

@@ -10,7 +10,7 @@ import typer
 from localmim_cli.cli.options import (NO_VALUE, AccumOpt, BaseLrOpt, BatchOpt, ConfigOpt, DeviceOpt,
                                       EpochsOpt, OutOpt, OverwriteOpt, PrecisionOpt, PresetOpt, ResumeOpt,
                                       SeedOpt, SetOpt, WorkersOpt)
-from localmim_cli.cli.output import console, print_settings
+from localmim_cli.cli.output import console, note_others_env, print_settings
 from localmim_cli.errors import UsageError
 
 
@@ -66,6 +66,7 @@ def pretrain(
              "data.skip_unreadable": skip_unreadable}
     resolved = (resolve_resumed(PretrainSettings, out, preset, config, set_, flags) if resume
                 else resolve_settings(PretrainSettings, preset, config, set_, flags))
+    note_others_env(resolved)
     run_dir = out or runs.default_run_dir(preset or "pretrain")
     if dry_run:
         runs.check(Path(run_dir), resume, overwrite)   # as a real start, changing nothing

@@ -67,6 +67,7 @@ class Resolved:
     provenance: dict[str, str]                 # dotted leaf path -> layer label, every leaf
     layers: list[str] = field(default_factory=list)   # labels applied, lowest first
     plugin_options: dict[str, BaseModel] = field(default_factory=dict)  # "model.encoder.options" -> validated
+    others_env: list[str] = field(default_factory=list)   # variables left to the other commands (see resolve)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved values, JSON-ready; fed back as --config they give the same settings."""
@@ -253,12 +254,16 @@ def _drop_under(provenance: dict[Key, str], path: Key) -> None:
 def resolve(schema: type[BaseModel], *, preset: dict[str, Any] | None = None, preset_name: str | None = None,
             base: tuple[str, dict[str, Any]] | None = None, config_file: Path | str | None = None, environ: Mapping[str, str] | None = None,
             flags: Mapping[str, Any] | None = None, sets: list[str] | None = None,
-            env_prefix: str = "LOCALMIM_", flag_names: Mapping[str, str] | None = None) -> Resolved:
+            env_prefix: str = "LOCALMIM_", flag_names: Mapping[str, str] | None = None,
+            other_schemas: tuple[type[BaseModel], ...] = ()) -> Resolved:
     """Merge the layers over the schema's defaults, validate, and say where each value came from.
 
     environ: None reads os.environ. flags: dotted setting -> value, only the flags the user gave.
     flag_names: dotted setting -> how the flag is spelled, for labels (default: --<leaf>).
     base: (label, values) of a layer below the preset: a resumed run's own settings.
+    other_schemas: the settings of the other commands. A variable that names none of this
+    schema's settings but one of theirs is theirs (exported for a pretraining, it must not stop
+    an evaluation): it is left out, and listed in `Resolved.others_env`.
     Raises SettingsError listing every problem.
     """
     layers: list[Layer] = []
@@ -272,8 +277,10 @@ def resolve(schema: type[BaseModel], *, preset: dict[str, Any] | None = None, pr
         if _looks_like_preset(schema, layers[-1].values):
             raise SettingsError([f"{config_file}: this is a preset file ([preset] and [settings] tables); "
                                  f"pass it as --preset {config_file}"])
-    for new, bad in (env_layers(os.environ if environ is None else environ, schema, env_prefix),
-                     flag_layers(flags or {}, flag_names), set_layers(list(sets or []), schema)):
+    env, bad_env = env_layers(os.environ if environ is None else environ, schema, env_prefix)
+    others_env = [l.label.removeprefix("env:") for l in env if _names_elsewhere(schema, other_schemas, l.values)]
+    env = [l for l in env if l.label.removeprefix("env:") not in others_env]
+    for new, bad in ((env, bad_env), flag_layers(flags or {}, flag_names), set_layers(list(sets or []), schema)):
         layers += new
         problems += bad
     problems += renamed_problems(schema, layers[1:] if base is not None else layers)
@@ -299,7 +306,26 @@ def resolve(schema: type[BaseModel], *, preset: dict[str, Any] | None = None, pr
 
     dotted = {".".join(k): v for k, v in provenance.items()}
     full = {".".join(k): dotted.get(".".join(k), DEFAULT) for k, _ in _leaves(settings.model_dump(mode="json"))}
-    return Resolved(settings, full, [DEFAULT] + list(dict.fromkeys(l.label for l in layers)), plugin_options)
+    return Resolved(settings, full, [DEFAULT] + list(dict.fromkeys(l.label for l in layers)), plugin_options,
+                    others_env)
+
+
+def _names_elsewhere(schema: type[BaseModel], others: tuple[type[BaseModel], ...], values: dict[str, Any]) -> bool:
+    """The one setting in `values` (an env layer) is not `schema`'s but is one of `others`'."""
+    path = _leaves(values)[0][0]
+    return not _names_setting(schema, path) and any(_names_setting(o, path) for o in others)
+
+
+def _names_setting(schema: type[BaseModel], path: Key) -> bool:
+    """`path` is a setting of `schema`, or lies under one that takes any keys (plugin options)."""
+    model: type[BaseModel] | None = schema
+    for part in path:
+        if model is None:
+            return True
+        if part not in model.model_fields:
+            return False
+        model = _model_in(model.model_fields[part].annotation)
+    return True
 
 
 def renamed_problems(schema: type[BaseModel], layers: list[Layer]) -> list[str]:

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from localmim_cli.config.layers import Resolved, read_config_file, resolve
 from localmim_cli.config.presets import load_preset
-from localmim_cli.config.tasks import DEFAULT_TASK, command_of, finetune_task
+from localmim_cli.config.tasks import DEFAULT_TASK, all_schemas, command_of, finetune_task
 from localmim_cli.errors import PresetError, RunDirError, UsageError
 
 
@@ -39,7 +39,8 @@ def resolve_settings(schema: type[BaseModel], preset: str | None = None, config:
     return resolve(schema, preset=preset_dict, preset_name=preset_name, base=base,
                    config_file=Path(config) if config is not None else None,
                    environ=os.environ if environ is None else environ, flags=given, sets=list(sets or []),
-                   flag_names={"data.path": "DATA", **(flag_names or {})})
+                   flag_names={"data.path": "DATA", **(flag_names or {})},
+                   other_schemas=tuple(s for s in all_schemas() if s is not schema))
 
 
 def resolve_resumed(schema: type[BaseModel], out: Path | None, preset: str | None = None,

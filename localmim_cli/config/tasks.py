@@ -54,6 +54,11 @@ def command_of(schema: type) -> str | None:
     return next((name for name, s in COMMANDS.items() if s is schema), None)
 
 
+def all_schemas() -> list[type[Strict]]:
+    """The settings of every command and fine-tuning task."""
+    return list(dict.fromkeys([*COMMANDS.values(), *(info.schema for info in FINETUNE_TASKS.values())]))
+
+
 def schema_for(command: str, task: str | None = None, flag: str = "command") -> type[Strict]:
     """The settings model of a command (of fine-tuning `task` for `finetune`); `flag` names
     where the command name came from."""

@@ -6,6 +6,7 @@ under FSDP, and modules that import each other."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import click
 import typer
@@ -102,3 +103,27 @@ def test_evaluate_speaks_the_vocabulary_of_pretrain_and_finetune(tmp_path_factor
     assert_user_error(run_cli("evaluate", run, train, "--config", tmp_path / "old.json"),
                       f"seed (from file:{tmp_path / 'old.json'}): renamed to train.seed",
                       "batch_size (from file:", "renamed to train.batch_size")
+
+
+# ------------------------------------------------------------------------------ fine-tuning resumed on other data
+
+
+def test_finetune_resume_refuses_changed_data(tmp_path_factory, tmp_path):
+    train = tmp_path / "train"
+    shutil.copytree(photo_sets(tmp_path_factory)[0], train)
+    run = tmp_path / "run"
+    common = ["finetune", train, "--init", tiny_pretrain_run(tmp_path_factory), "--out", run, "--batch-size", 16,
+              "--workers", 0, "--device", "cpu", "--precision", "fp32", "--set", "train.eval_every=0",
+              "--set", "optim.warmup_epochs=0"]
+    first = run_cli(*common, "--epochs", 1)
+    assert first.returncode == 0, first.stderr
+    before = (run / "manifest.json").read_text()
+
+    # One more image in a class folder: the split, and which image each step reads, would change.
+    folder = next(p for p in sorted(train.iterdir()) if p.is_dir())
+    image = next(p for p in sorted(folder.iterdir()) if p.is_file())
+    shutil.copy(image, folder / f"zz-extra{image.suffix}")
+    refused = run_cli(*common, "--epochs", 2, "--resume")
+    assert_user_error(refused, f"{train}: the data changed since the run started", "manifest.json")
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert (run / "manifest.json").read_text() == before     # nothing of the run was rewritten

@@ -300,7 +300,40 @@ def verify_fingerprint(run_dir: Path, index: DataIndex) -> None:
     else:
         now = fingerprint(index.readable())  # how runs before the index fingerprinted their files
     if now != recorded:
-        raise DataError(f"{index.base}: the data changed since the run started (fingerprint {recorded} "
-                        f"in {run_dir / 'manifest.json'}, {now} now: files were added, removed or "
-                        f"modified). Put the data back as it was, or start a new run on the changed "
-                        f"data (another --out)")
+        raise data_changed(index.base, run_dir, "fingerprint", recorded, now)
+
+
+def data_changed(data: Path | str, run_dir: Path, key: str, recorded: str, now: str) -> DataError:
+    """The one-line refusal of a resume whose data is not what the run started with."""
+    return DataError(f"{data}: the data changed since the run started ({key} {recorded} in "
+                     f"{run_dir / 'manifest.json'}, {now} now: files were added, removed or modified). "
+                     f"Put the data back as it was, or start a new run on the changed data (another --out)")
+
+
+def verify_recorded_data(run_dir: Path, now: dict[str, Any], data: Path | str, val_data: Path | str | None) -> None:
+    """A resumed fine-tuning run: every fingerprint in its manifest.json "data" (the training
+    images, the validation images, per split) against the same record made from the data now.
+    `data` and `val_data` name the folders (a key with "val" in its path is the validation side,
+    when a separate folder holds it)."""
+    try:
+        recorded = json.loads((run_dir / "manifest.json").read_text())["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # nothing recorded to compare with
+    for key, was in _fingerprints(recorded):
+        is_now = dict(_fingerprints(now)).get(key)
+        if was and is_now is not None and is_now != was:
+            where = val_data if val_data is not None and "val" in key else data
+            raise data_changed(where, run_dir, key, was, is_now)
+
+
+def _fingerprints(record: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) of every entry named *fingerprint in a nested data record."""
+    if not isinstance(record, dict):
+        return []
+    out = []
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out += _fingerprints(v, f"{prefix}{k}.")
+        elif str(k).endswith("fingerprint") and isinstance(v, str):
+            out.append((f"{prefix}{k}", v))
+    return out

@@ -83,6 +83,7 @@ def run(resolved: Resolved, run_dir: Path, resume: bool, console: Console,
     """
     import torch
 
+    from localmim_cli.data.index import verify_recorded_data
     from localmim_cli.engine import training
     from localmim_cli.tasks.recipe import init_record
     from localmim_cli.weights.sources import load_encoder_weights
@@ -102,6 +103,8 @@ def run(resolved: Resolved, run_dir: Path, resume: bool, console: Console,
         torch.manual_seed(settings.train.seed)   # the new parts' initialisation
         model = recipe.build_model(settings, data, shape, weights).to(placement.device)
         task = recipe.training_task(settings, data, shape, model, record, placement, run_dir)
+        if resumed is not None:   # before anything of the run is rewritten, as pretraining does
+            verify_recorded_data(run_dir, task.data_record(), settings.data.path, settings.data.val_path)
         summary = training.train(task, resolved, run_dir, resumed, console, placement)
     return {**summary, **task.summary()}
 

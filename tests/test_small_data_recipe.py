@@ -61,6 +61,9 @@ def test_ft_small_beats_the_probes_of_its_encoder(tmp_path_factory, tmp_path, na
     r = run_cli("finetune", train, "--init", encoder, "--val", val, "--preset", "ft-small", "--workers", 0,
                 "--device", "cpu", "--precision", "fp32", "--set", "train.loggers=[]", "--out", run)
     assert r.returncode == 0, r.stdout + r.stderr
+    # The probes' features are cached in the fine-tune's run, never in the run it starts from.
+    assert len(list((run / "eval" / "cache").glob("features-*.safetensors"))) == 2
+    assert not (encoder / "eval").exists()
     manifest = json.loads((run / "manifest.json").read_text())
     probes, best = manifest["init_probes"], manifest["best"]["val_top1"]
     assert probes["val_images"] == len(list(val.rglob("*.png")))
@@ -69,9 +72,8 @@ def test_ft_small_beats_the_probes_of_its_encoder(tmp_path_factory, tmp_path, na
     assert f"k-NN {probes['knn_top1']:.2f}%, linear {probes['linear_top1']:.2f}%: fine-tuning paid" in text
 
     # The figures the run compared with are `localmim evaluate`'s on the same encoder and split.
-    settings = EvaluateSettings(val_path=val, workers=0, device="cpu")
+    settings = EvaluateSettings(val_path=val, workers=0, device="cpu", cache=False)
     for protocol, key in (("knn", "knn_top1"), ("linear", "linear_top1")):
         results, _ = run_evaluation(encoder, train, settings.model_copy(update={"protocol": protocol}),
                                     Console(quiet=True), out=tmp_path / f"{protocol}.json")
         assert results["top1"] == pytest.approx(probes[key], abs=1e-6), protocol
-        assert results["features"]["cache_hits"] == 2   # the fine-tune's features, reused

@@ -1,8 +1,9 @@
 """Whether a fine-tune paid: the k-NN and linear probe of its --init encoder on the run's own split.
 
 The same probes as `localmim evaluate --protocol knn|linear` (tasks/probes.py, default settings),
-on the fine-tune's training and validation images at its input size and evaluation crop, with
-features cached where `evaluate` caches them (the encoder's run), so a later evaluate reuses them.
+on the fine-tune's training and validation images at its input size and evaluation crop. Their
+features are cached in the fine-tune's own run (eval/cache), never in the run it starts from,
+which a fine-tune only reads.
 They cost one forward pass over the images and a sweep of linear heads on the features, which is
 cheap beside any fine-tune of a small set; `train.init_probes = "auto"` skips them above
 AUTO_LIMIT training images, where the pass and the sweep would no longer be.
@@ -10,6 +11,7 @@ AUTO_LIMIT training images, where the pass and the sweep would no longer be.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localmim_cli.errors import UserError
@@ -30,7 +32,7 @@ def wanted(settings: "FinetuneSettings", split: "LabelledSplit") -> bool:
 
 
 def init_probes(settings: "FinetuneSettings", split: "LabelledSplit", img_size: int,
-                placement: "Placement") -> dict[str, Any]:
+                placement: "Placement", run_dir: Path) -> dict[str, Any]:
     """{"knn_top1", "linear_top1", ...} of the --init encoder, or {"error": why} when the probes
     cannot run on it (the fine-tune goes on either way)."""
     import torch
@@ -43,7 +45,7 @@ def init_probes(settings: "FinetuneSettings", split: "LabelledSplit", img_size: 
     device, knn, linear = placement.device, KnnSettings(), LinearProbeSettings()
     try:
         weights = load_encoder_weights(settings.init)
-        cache = FeatureCache(cache_dir_for(weights.run_dir))
+        cache = FeatureCache(cache_dir_for(run_dir))
         common = dict(batch_size=settings.train.eval_batch_size or settings.train.batch_size,
                       workers=settings.data.workers, device=device, precision=placement.precision,
                       model_holder={})

@@ -171,7 +171,8 @@ class ClassificationTask(ValidatedTask):
 
         if position.step or not self.placement.world.is_main or not wanted(self.settings, self.split):
             return
-        self.init_probes = init_probes(self.settings, self.split, self.shape.img_size, self.placement)
+        self.init_probes = init_probes(self.settings, self.split, self.shape.img_size, self.placement,
+                                       self.run_dir)
         runs.update_manifest(self.run_dir, init_probes=self.init_probes)
         log.note(probes_line(self.init_probes))
 

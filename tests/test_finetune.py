@@ -61,7 +61,7 @@ def test_finetune_cli_learns_the_photo_classes(tmp_path_factory, tmp_path):
     assert manifest["best"]["checkpoint"] == "checkpoints/best" and manifest["best"]["step"] == best_line["step"]
     assert len(list((run / "checkpoints").glob("step-*"))) == 2
     settings = json.loads((run / "settings.json").read_text())
-    assert settings["optim"]["layer_decay"] == 0.75 and settings["mixup"]["prob"] == 0.5  # from ft-small
+    assert settings["optim"]["layer_decay"] == 0.75 and settings["mixup"]["prob"] == 0  # from ft-small
 
     # Held-out crops the run never saw: well above the 1-in-7 chance.
     results, path = run_evaluation(run, heldout, EvaluateSettings(data={"workers": 0}, train={"device": "cpu"}), Console(quiet=True))
@@ -107,6 +107,34 @@ def test_resume_continues_exactly(tmp_path_factory, tmp_path):
         assert torch.equal(a[key], b[key]), key
     assert [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines()] == \
            [json.loads(x)["step"] for x in (whole / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_head_warmup_trains_the_head_alone_then_everything_and_resumes_exactly(tmp_path_factory, tmp_path):
+    """LP-FT: epoch 1 of 2 moves only fc_norm and the head; a run cut after it resumes to the same weights."""
+    from localmim_cli.weights.sources import load_encoder_weights
+
+    train, _ = photo_sets(tmp_path_factory)
+    init = tiny_pretrain_run(tmp_path_factory)
+    common = ["finetune", train, "--init", init, "--preset", "ft-small", "--epochs", 2, "--batch-size", 16,
+              "--workers", 0, "--device", "cpu", "--precision", "fp32", "--set", "train.eval_every=0",
+              "--set", "train.head_warmup_epochs=1", "--set", "train.init_probes=off"]
+    whole = tmp_path / "whole"
+    invoke(*common, "--out", whole)
+    first, last = checkpoints.list_checkpoints(whole / "checkpoints")
+    start = load_encoder_weights(init).encoder_state()
+    after_probe, after_all = load_file(str(first / "model.safetensors")), load_file(str(last / "model.safetensors"))
+    encoder = [k for k in after_probe if not k.startswith(("head.", "fc_norm."))]
+    assert set(encoder) == set(start) and all(torch.equal(after_probe[k], start[k]) for k in encoder)
+    assert not torch.equal(after_probe["head.weight"], after_all["head.weight"])
+    assert not torch.equal(after_probe["blocks.0.attn.qkv.weight"], after_all["blocks.0.attn.qkv.weight"])
+
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / last.name)
+    (cut / "checkpoints" / "latest.json").write_text(json.dumps({"name": first.name}))
+    invoke("finetune", "--resume", "--out", cut)
+    resumed = checkpoints.load(cut).model_state()
+    assert all(torch.equal(after_all[k], resumed[k]) for k in after_all)
 
 
 # ------------------------------------------------------------------------------ published checkpoints
@@ -172,6 +200,8 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path_factory, tmp_path, capsys):
                          ["nothing.pth", "no such checkpoint"]),
         "no head": (["evaluate", init, train, "--protocol", "classifier", "--out", out / "e.json"],
                     ["classifier", "knn"]),
+        "head warmup": (["finetune", train, "--init", init, "--epochs", 3, "--set", "train.head_warmup_epochs=3",
+                         "--out", out / "f"], ["train.head_warmup_epochs 3", "train.epochs 3"]),
     }
     for name, (args, phrases) in cases.items():
         code, err = run_main(capsys, *args)
@@ -179,7 +209,7 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path_factory, tmp_path, capsys):
         assert "Traceback" not in err, f"{name}: {err}"
         for phrase in phrases:
             assert phrase in " ".join(err.split()), f"{name}: {phrase!r} not in {err}"
-    assert not any((out / x).exists() for x in "abcde")
+    assert not any((out / x).exists() for x in "abcdef")
 
 
 # ------------------------------------------------------------------------------ presets

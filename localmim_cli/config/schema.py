@@ -292,6 +292,14 @@ class FinetuneTrainSettings(SpeedSettings):
                                                        "(0 = at each epoch's end); the last step always")
     keep_last: int = Field(2, ge=1, le=MAX_KEEP, description="checkpoints kept")
     loggers: list[str] = loggers_field()
+    head_warmup_epochs: int = Field(
+        0, ge=0, le=MAX_EPOCHS, description="linear probe, then fine-tune (LP-FT): for the first N epochs "
+        "only fc_norm and the head train, on the frozen encoder's features; then everything does "
+        "(one process only; 0 = fine-tune everything from the start)")
+    init_probes: Literal["auto", "on", "off"] = Field(
+        "auto", description="score the --init encoder's k-NN and linear probe on the run's own split, so "
+        "the summary shows whether fine-tuning paid; auto = on up to 50,000 training images (one "
+        "feature pass over the data, cached beside the encoder's run)")
 
 
 class FinetuneSettings(Strict):
@@ -312,6 +320,14 @@ class FinetuneSettings(Strict):
         if self.mixup.active and self.mixup.mode == "batch" and self.train.batch_size % 2:
             raise ValueError(f"train.batch_size {self.train.batch_size} is odd; Mixup/CutMix in batch mode "
                              "pairs images, so use an even batch or turn mixing off (mixup.prob=0)")
+        return self
+
+    @model_validator(mode="after")
+    def _encoder_trains_at_last(self) -> "FinetuneSettings":
+        if self.train.head_warmup_epochs >= self.train.epochs:
+            raise ValueError(f"train.head_warmup_epochs {self.train.head_warmup_epochs} leaves no epoch of "
+                             f"train.epochs {self.train.epochs} to fine-tune the encoder in; lower it, or use "
+                             "`localmim evaluate --protocol linear` for a linear probe alone")
         return self
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localmim_cli.config.schema import RESUMABLE_SPEED_SETTINGS
-from localmim_cli.errors import DataError
+from localmim_cli.errors import DataError, UsageError
 from localmim_cli.tasks.classification.data import criterion, mixer, train_transform
+from localmim_cli.tasks.classification.init_probes import init_probes, probes_line, verdict, wanted
 from localmim_cli.tasks.classification.metric import validate
 from localmim_cli.tasks.classification.model import build_classifier, layer_decay_groups, model_shape, timm_record
 from localmim_cli.tasks.recipe import Recipe, ValidatedTask
@@ -83,7 +84,8 @@ class ClassificationRecipe(Recipe):
         if not val:
             return ""
         return (f"; val top-1 {val['val_top1']:.2f}% (best {best['val_top1']:.2f}% at epoch {best['epoch']}, "
-                f"kept in {Path(run_dir) / 'checkpoints' / 'best'})")
+                f"kept in {Path(run_dir) / 'checkpoints' / 'best'})"
+                + verdict(best["val_top1"], summary.get("init_probes") or {}))
 
 
 RECIPE = ClassificationRecipe()
@@ -111,6 +113,12 @@ class ClassificationTask(ValidatedTask):
         self.loss_fn = criterion(settings)
         self.mix = mixer(settings, len(split.classes))
         self.timm_record = timm_record(settings, shape, len(split.classes))
+        self.init_probes: dict[str, Any] = {}   # the --init encoder's probes: what fine-tuning must beat
+        if settings.train.head_warmup_epochs and placement.world.size > 1:
+            # The frozen epochs run the head outside DDP's forward, which would leave its
+            # gradients unsynchronised across processes.
+            raise UsageError(f"train.head_warmup_epochs {settings.train.head_warmup_epochs} runs in one process "
+                             f"only, not under torchrun with {placement.world.size}; set it to 0")
 
     def param_groups(self) -> list[dict[str, Any]]:
         opt = self.settings.optim
@@ -133,14 +141,40 @@ class ClassificationTask(ValidatedTask):
             np.random.seed(step_seed % 2**32)
             x, y = self.mix(x, y)
             np.random.set_state(np_state)
-        loss = self.loss_fn(net(x).float(), y)
+        logits = self.head_only(x) if epoch < self.settings.train.head_warmup_epochs else net(x)
+        loss = self.loss_fn(logits.float(), y)
         return loss, loss.reshape(1), x.shape[0]
+
+    def head_only(self, x: "torch.Tensor") -> "torch.Tensor":
+        """Logits with the encoder frozen (LP-FT's linear-probe epochs): its features without
+        autograd, so its parameters get no gradient and AdamW leaves them, and their moments,
+        untouched until the whole model trains; fc_norm and the head train on those features."""
+        import torch
+        with torch.no_grad():
+            features = self.model.forward_features(x)
+        return self.model.forward_head(features)
 
     def loss_fields(self, losses: list[float]) -> dict[str, float]:
         return {"loss": losses[0]}
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"classes": self.split.classes, "timm": self.timm_record, **super().checkpoint_meta()}
+        return {"classes": self.split.classes, "timm": self.timm_record, "init_probes": self.init_probes,
+                **super().checkpoint_meta()}
+
+    def restore(self, checkpoint: "Checkpoint") -> None:
+        super().restore(checkpoint)
+        self.init_probes = checkpoint.meta.get("init_probes") or {}
+
+    def on_train_start(self, position: "Position", log: "RunLog") -> None:
+        """A fresh run scores the --init encoder's probes first (a resumed one has them)."""
+        from localmim_cli.engine import runs
+
+        if position.step or not self.placement.world.is_main or not wanted(self.settings, self.split):
+            return
+        self.init_probes = init_probes(self.settings, self.split, self.shape.img_size, self.placement,
+                                       self.run_dir)
+        runs.update_manifest(self.run_dir, init_probes=self.init_probes)
+        log.note(probes_line(self.init_probes))
 
     def data_record(self) -> dict[str, Any]:
         from localmim_cli.data.index import fingerprint
@@ -179,4 +213,4 @@ class ClassificationTask(ValidatedTask):
                 f"loss {v['val_loss']:.4f}  ({v['val_images']} images)")
 
     def summary(self) -> dict[str, Any]:
-        return {**super().summary(), "classes": len(self.split.classes)}
+        return {**super().summary(), "classes": len(self.split.classes), "init_probes": self.init_probes}

@@ -340,8 +340,13 @@ class FewshotSettings(Strict):
 class EvaluateSettings(Strict):
     """Everything `localmim evaluate` reads."""
 
-    protocol: Literal["auto", "classifier", "knn", "linear", "fewshot"] = Field(
-        "auto", description="auto = classifier for fine-tuned models, knn otherwise")
+    protocol: Literal["auto", "classifier", "knn", "linear", "fewshot", "seg-linear"] = Field(
+        "auto", description="auto = a fine-tuned model's own task (classifier, segmentation, detection), "
+                            "knn for an encoder")
+    mode: Literal["auto", "slide", "whole"] = Field("auto", description="segmentation: test inference, "
+                                                    "slide windows or the whole image; auto = the run's val.mode")
+    stride: int | None = Field(None, ge=1, le=MAX_IMG_SIZE, description="segmentation, slide: window stride "
+                               "in pixels; empty = the run's val.stride")
     val_path: Path | None = Field(None, description="separate validation folder; else DATA is split")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="share of each class of DATA held out as "
                                                              "validation for the probes")

@@ -326,6 +326,14 @@ class LinearProbeSettings(Strict):
                                                                  "out to pick lr and weight decay")
 
 
+class SegLinearSettings(Strict):
+    img_size: int = Field(224, ge=16, le=MAX_IMG_SIZE, description="side the images are resized to (square) "
+                          "for the frozen features; --img-size overrides")
+    steps: int = Field(300, ge=1, le=MAX_EPOCHS * 100, description="full-batch AdamW steps of the 1x1 head")
+    lr: float = Field(0.01, gt=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0)
+
+
 class FewshotSettings(Strict):
     way: int | None = Field(5, ge=2, le=MAX_BATCH, description="classes per episode; empty = all classes")
     shots: list[int] = Field([1, 5], min_length=1, description="labelled examples per class (one "
@@ -363,3 +371,4 @@ class EvaluateSettings(Strict):
     knn: KnnSettings = Field(default_factory=KnnSettings)
     linear: LinearProbeSettings = Field(default_factory=LinearProbeSettings)
     fewshot: FewshotSettings = Field(default_factory=FewshotSettings)
+    seg_linear: SegLinearSettings = Field(default_factory=SegLinearSettings)

@@ -261,3 +261,48 @@ def test_a_published_vit_exports_in_the_layouts_detectron2_and_mmdet_load(tmp_pa
     code = run_cli("export", CONFORMANCE, "--format", "mmdet", "--out", tmp_path / "mmdet").returncode
     assert code == 2
     invoke("export", CONFORMANCE, "--format", "mmdet", "--out", tmp_path / "mmdet", "--overwrite")
+
+
+def test_evaluate_reports_cocoeval_on_the_same_detections_by_hand(learned, scenes, tmp_path):
+    """`localmim evaluate DET_RUN DATA`: box and mask AP of the run's best checkpoint on the
+    validation split, equal to pycocotools run by hand on the same detections."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from localmim_cli.engine.distributed import from_environment
+    from localmim_cli.engine.loop import Placement
+    from localmim_cli.tasks.detection.data import read_det_data
+    from localmim_cli.tasks.detection.recipe import detector_from_checkpoint, predict_split
+
+    best = learned / "checkpoints" / "best"
+    r = run_cli("evaluate", best, scenes, "--device", "cpu", "--workers", "0", "--out", tmp_path / "det.json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "AP50" in r.stdout and "mask" in r.stdout
+    reported = json.loads((tmp_path / "det.json").read_text())
+    assert reported["protocol"] == "detection" and reported["images"] == 10
+
+    model, settings, meta = detector_from_checkpoint(best)
+    data = read_det_data(settings.data, True, meta["classes"])
+    results = predict_split(model, data.val.images, meta["category_ids"], settings,
+                            Placement(from_environment(), torch.device("cpu"), "fp32"))
+    assert reported["detections"] == len(results) > 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(scenes / "val" / "annotations.json"))
+        for iou_type, key in (("bbox", "box"), ("segm", "mask")):
+            dt = gt.loadRes([r if iou_type == "bbox" else {k: v for k, v in r.items() if k != "bbox"}
+                             for r in results])
+            e = COCOeval(gt, dt, iou_type)
+            e.evaluate(), e.accumulate(), e.summarize()
+            for k, name in enumerate(("AP", "AP50", "AP75", "APs", "APm", "APl")):
+                expected = None if e.stats[k] < 0 else 100 * e.stats[k]
+                assert reported[key][name] == pytest.approx(expected, abs=1e-9), (key, name)
+
+
+def test_evaluating_a_detector_on_a_folder_that_is_not_coco_is_one_line(learned, tmp_path, capsys):
+    (tmp_path / "cats").mkdir()
+    code, err = run_main(capsys, "evaluate", learned, tmp_path, "--device", "cpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert str(tmp_path) in err and "annotations.json" in err

@@ -16,10 +16,16 @@ def evaluate(
         help="A finetune or pretrain run directory, a localmim checkpoint, a published LocalMIM/MAE "
              "ViT .pth/.safetensors, or an exported encoder folder.", show_default=False)],
     data: Annotated[Path, typer.Argument(
-        help="Folder with one subfolder of images per class (ImageFolder layout).", show_default=False)],
+        help="Classification: one subfolder of images per class (ImageFolder layout). Segmentation (a "
+             "segmentation run, or --protocol seg-linear): ADE20K or pairs layout. Detection: COCO format.",
+        show_default=False)],
     protocol: Annotated[Optional[str], typer.Option(
-        help="classifier (a fine-tuned model's head), knn, linear, fewshot; default: classifier for "
-             "fine-tuned models, knn otherwise")] = None,
+        help="classifier (a fine-tuned model's head), knn, linear, fewshot, seg-linear (a 1x1 head on frozen "
+             "patch features, scored by mIoU); default: a fine-tuned model's own task, knn for an encoder")] = None,
+    mode: Annotated[Optional[str], typer.Option(
+        help="segmentation inference: slide (windows) or whole; default: the run's val.mode")] = None,
+    stride: Annotated[Optional[int], typer.Option(
+        help="segmentation, slide: window stride in pixels; default: the run's val.stride")] = None,
     val: Annotated[Optional[Path], typer.Option(
         "--val", help="data.val_path: separate validation folder with the same class subfolders.")] = None,
     val_fraction: Annotated[Optional[float], typer.Option(
@@ -48,7 +54,8 @@ def evaluate(
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", "-s", help="Override any setting: --set linear.epochs=50 (repeatable).")] = None,
 ) -> None:
-    """Score a checkpoint on a labelled folder: its classifier, or k-NN / linear / few-shot probes.
+    """Score a checkpoint on a labelled folder: its classifier, or k-NN / linear / few-shot probes;
+    a segmentation run's mIoU, mAcc, aAcc and per-class IoU; a detection run's COCO box and mask AP.
 
     Probe features (a pretrained encoder: patch tokens after all blocks, through the last tap
     norm, averaged; a fine-tuned model: its pooled, normed pre-logits) are cached between
@@ -58,7 +65,8 @@ def evaluate(
     from localmim_cli.config.schema import EvaluateSettings
     from localmim_cli.tasks.evaluate import print_results, run_evaluation
 
-    flags = {"protocol": protocol, "data.val_path": str(val) if val else None, "data.val_fraction": val_fraction,
+    flags = {"protocol": protocol, "mode": mode, "stride": stride,
+             "data.val_path": str(val) if val else None, "data.val_fraction": val_fraction,
              "knn.k": k, "knn.temperature": temperature, "fewshot.way": way, "fewshot.shots": shot or None,
              "fewshot.episodes": episodes, "train.batch_size": batch_size, "model.img_size": img_size,
              "train.device": device, "train.precision": precision, "data.workers": workers, "train.seed": seed,

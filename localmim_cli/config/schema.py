@@ -342,6 +342,14 @@ class LinearProbeSettings(Strict):
                                                                  "out to pick lr and weight decay")
 
 
+class SegLinearSettings(Strict):
+    img_size: int = Field(224, ge=16, le=MAX_IMG_SIZE, description="side the images are resized to (square) "
+                          "for the frozen features; --img-size overrides")
+    steps: int = Field(300, ge=1, le=MAX_EPOCHS * 100, description="full-batch AdamW steps of the 1x1 head")
+    lr: float = Field(0.01, gt=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0)
+
+
 class FewshotSettings(Strict):
     way: int | None = Field(5, ge=2, le=MAX_BATCH, description="classes per episode; empty = all classes")
     shots: list[int] = Field([1, 5], min_length=1, description="labelled examples per class (one "
@@ -385,8 +393,13 @@ class EvaluateSettings(Strict):
         "batch_size": "train.batch_size", "device": "train.device", "precision": "train.precision",
         "seed": "train.seed"}
 
-    protocol: Literal["auto", "classifier", "knn", "linear", "fewshot"] = Field(
-        "auto", description="auto = classifier for fine-tuned models, knn otherwise")
+    protocol: Literal["auto", "classifier", "knn", "linear", "fewshot", "seg-linear"] = Field(
+        "auto", description="auto = a fine-tuned model's own task (classifier, segmentation, detection), "
+                            "knn for an encoder")
+    mode: Literal["auto", "slide", "whole"] = Field("auto", description="segmentation: test inference, "
+                                                    "slide windows or the whole image; auto = the run's val.mode")
+    stride: int | None = Field(None, ge=1, le=MAX_IMG_SIZE, description="segmentation, slide: window stride "
+                               "in pixels; empty = the run's val.stride")
     data: EvaluateDataSettings = Field(default_factory=EvaluateDataSettings)
     model: EvaluateModelSettings = Field(default_factory=EvaluateModelSettings)
     train: EvaluateTrainSettings = Field(default_factory=EvaluateTrainSettings)
@@ -395,3 +408,4 @@ class EvaluateSettings(Strict):
     knn: KnnSettings = Field(default_factory=KnnSettings)
     linear: LinearProbeSettings = Field(default_factory=LinearProbeSettings)
     fewshot: FewshotSettings = Field(default_factory=FewshotSettings)
+    seg_linear: SegLinearSettings = Field(default_factory=SegLinearSettings)

@@ -24,16 +24,34 @@ class FinetuneTaskInfo:
     schema: type[Strict]   # what `localmim finetune --task NAME` reads
     recipe: str            # "module:attribute" of its `tasks.recipe.Recipe`, imported when a run starts
     summary: str           # one line, for --help and errors
+    checkpoint_kind: str   # the `kind` its checkpoints record in meta.json
+    evaluator: str         # module with its `evaluate` and `print_table` (`localmim evaluate`)
 
 
 FINETUNE_TASKS: dict[str, FinetuneTaskInfo] = {info.name: info for info in (
     FinetuneTaskInfo("classification", FinetuneSettings, "localmim_cli.tasks.classification.recipe:RECIPE",
-                     "an image classifier on a folder with one subfolder per class"),
+                     "an image classifier on a folder with one subfolder per class", "finetune",
+                     "localmim_cli.tasks.classification.evaluate"),
     FinetuneTaskInfo("segmentation", SegmentationSettings, "localmim_cli.tasks.segmentation.recipe:RECIPE",
-                     "a semantic segmenter (UperNet) on images with per-pixel class masks"),
+                     "a semantic segmenter (UperNet) on images with per-pixel class masks", "segmentation",
+                     "localmim_cli.tasks.segmentation.evaluate"),
     FinetuneTaskInfo("detection", DetectionSettings, "localmim_cli.tasks.detection.recipe:RECIPE",
-                     "an object detector with instance masks (Mask R-CNN) on COCO-format annotations"),
+                     "an object detector with instance masks (Mask R-CNN) on COCO-format annotations", "detection",
+                     "localmim_cli.tasks.detection.evaluate"),
 )}
+
+# Protocols of `localmim evaluate` that score an encoder (not a fine-tuned model) on another task's data.
+PROBE_TASKS: dict[str, str] = {"seg-linear": "segmentation"}
+
+
+def evaluating_task(checkpoint_kind: str | None, protocol: str) -> FinetuneTaskInfo:
+    """The task whose evaluator scores a checkpoint of `checkpoint_kind` (None: not one of ours,
+    e.g. a published .pth) under `protocol`: a fine-tuned model's own task, else the probe's."""
+    for info in FINETUNE_TASKS.values():
+        if info.checkpoint_kind == checkpoint_kind:
+            return info
+    return FINETUNE_TASKS[PROBE_TASKS.get(protocol, DEFAULT_TASK)]
+
 
 COMMANDS: dict[str, type[Strict]] = {"pretrain": PretrainSettings, "finetune": FinetuneSettings,
                                      "evaluate": EvaluateSettings}

@@ -254,7 +254,8 @@ def test_fsdp_needs_several_processes_and_not_fp16():
 
 def test_two_process_fsdp_gives_the_ddp_losses_and_a_whole_checkpoint(tmp_path, tiny_config):
     """Same run sharded (FSDP2) and replicated (DDP) on two CPU processes (gloo): the same loss
-    at every step, and checkpoints of the same keys and weights."""
+    at every step, and checkpoints of the same keys and weights; and the finite-weights check
+    before a save gives every process the same verdict."""
     driver = Path(__file__).with_name("fsdp_and_ddp_run.py")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(driver), str(tiny_config), str(tmp_path), "train.batch_size=2", "train.epochs=1",
@@ -272,3 +273,7 @@ def test_two_process_fsdp_gives_the_ddp_losses_and_a_whole_checkpoint(tmp_path, 
     for key in ddp:
         assert fsdp[key].shape == ddp[key].shape
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-5, atol=1e-6, msg=key)
+    # Before a save the processes agree on the weights being finite, though each sees its shard only.
+    verdicts = [json.loads((tmp_path / f"finite-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [v["own_shard_finite"] for v in verdicts] == [True, False]
+    assert all(v["clean"] and not v["nan_in_one_shard"] for v in verdicts), verdicts

@@ -123,13 +123,20 @@ class IntervalMeter:
         return {"losses": losses, "images_per_s": self.images / elapsed, "data_wait": self.data_wait / elapsed}
 
 
-def weights_finite(model: torch.nn.Module) -> bool:
+def weights_finite(model: torch.nn.Module, world: distributed.World, device: torch.device) -> bool:
     """Whether every parameter is finite: one pass over the weights, so only before a save.
     The loss checks cannot see an update that itself overflowed (a huge lr), since the loss
-    was computed before it."""
+    was computed before it. Under FSDP a process holds only its shard of each parameter, so the
+    processes' verdicts are all-reduced: either all of them save or all of them stop."""
     with torch.no_grad():
-        flags = [torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()]
-        return bool(torch.stack(flags).all()) if flags else True
+        flags = [torch.isfinite(_local(p)).all() for p in model.parameters() if p.is_floating_point()]
+        bad = (~torch.stack(flags).all()).float().to(device) if flags else torch.zeros((), device=device)
+    return not bool(distributed.all_reduce_max(bad, world).item() > 0)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter: its shard under FSDP (a DTensor), else all of it."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def stop_if_diverged(bad: bool, pos: Position, ckpt_dir: Path) -> None:
@@ -256,8 +263,9 @@ def _steps(t: Trainer, pos: Position, stop: StopRequest) -> dict[str, Any]:
             # Under torchrun the processes agree on a stop where they synchronise anyway.
             signum = stop.agreed(world, device) if (not world.distributed or logged or due) else None
             if due or pos.step == plan.total_steps or signum:
-                # Every process holds the same weights (DDP), so each reaches the same verdict.
-                stop_if_diverged(meter.diverged(world) or not weights_finite(task.model), pos, t.ckpt_dir)
+                # Both verdicts are all-reduced: the processes save together or stop together.
+                stop_if_diverged(meter.diverged(world) or not weights_finite(task.model, world, device), pos,
+                                 t.ckpt_dir)
                 t.save(pos)
             if signum:
                 distributed.barrier(world)

@@ -34,7 +34,8 @@ model = torch.nn.Sequential(*blocks)
 wrapping.wrap(model, blocks, True, world, cpu, "fp32")
 verdicts = {"clean": weights_finite(model, world, cpu)}
 if world.rank == world.size - 1:   # the last rows of the first weight: the last process's shard only
-    model[0].weight.to_local()[-1, 0] = float("nan")
+    with torch.no_grad():   # into the shard's storage, outside autograd's view of the DTensor
+        model[0].weight.to_local()[-1, 0] = float("nan")
 verdicts["nan_in_one_shard"] = weights_finite(model, world, cpu)
 verdicts["own_shard_finite"] = bool(torch.isfinite(model[0].weight.to_local()).all())
 (out / f"finite-{world.rank}.json").write_text(json.dumps(verdicts))

@@ -72,7 +72,7 @@ def test_ft_small_beats_the_probes_of_its_encoder(tmp_path_factory, tmp_path, na
     assert f"k-NN {probes['knn_top1']:.2f}%, linear {probes['linear_top1']:.2f}%: fine-tuning paid" in text
 
     # The figures the run compared with are `localmim evaluate`'s on the same encoder and split.
-    settings = EvaluateSettings(val_path=val, workers=0, device="cpu", cache=False)
+    settings = EvaluateSettings(data={"val_path": val, "workers": 0}, train={"device": "cpu"}, cache=False)
     for protocol, key in (("knn", "knn_top1"), ("linear", "linear_top1")):
         results, _ = run_evaluation(encoder, train, settings.model_copy(update={"protocol": protocol}),
                                     Console(quiet=True), out=tmp_path / f"{protocol}.json")

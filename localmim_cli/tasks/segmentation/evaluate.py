@@ -65,20 +65,10 @@ def evaluate(checkpoint: Path, data: Path, settings: "EvaluateSettings",
 
 
 def print_table(results: dict[str, Any], console: "Console") -> None:
-    from rich.table import Table
-
     if results["protocol"] == "seg-linear":
         from localmim_cli.tasks.segmentation.probe import print_probe
         return print_probe(results, console)
-    summary = Table(title=f"segmentation: {results['checkpoint']} ({results['mode']}, {results['images']} images)")
-    summary.add_column("metric")
-    summary.add_column("value", justify="right")
-    for key in ("mIoU", "mAcc", "aAcc"):
-        summary.add_row(key, f"{results[key]:.2f}%")
-    console.print(summary)
-    per_class = Table(title="per class")
-    for col, justify in (("class", "left"), ("IoU", "right"), ("Acc", "right")):
-        per_class.add_column(col, justify=justify)
-    for name, v in results["per_class"].items():
-        per_class.add_row(name, *("-" if v[k] is None else f"{v[k]:.2f}%" for k in ("IoU", "Acc")))
-    console.print(per_class)
+    from localmim_cli.tasks.segmentation.metric import print_scores
+
+    print_scores(results, f"segmentation: {results['checkpoint']} ({results['mode']}, {results['images']} images)",
+                 console)

@@ -12,11 +12,14 @@ processes before the scores are taken.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from localmim_cli.tasks.segmentation.augment import IGNORE
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -47,3 +50,21 @@ def scores(matrix: torch.Tensor, classes: Sequence[str]) -> dict[str, Any]:
             "per_class": {name: {"IoU": None if math.isnan(i) else 100 * i, "Acc": None if math.isnan(a) else 100 * a}
                           for name, i, a in zip(classes, iou.tolist(), acc.tolist())},
             "pixels": int(total)}
+
+
+def print_scores(results: dict[str, Any], title: str, console: "Console") -> None:
+    """mIoU, mAcc, aAcc, then each class's IoU and accuracy (a fine-tuned segmenter's or a probe's)."""
+    from rich.table import Table
+
+    summary = Table(title=title)
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    for key in ("mIoU", "mAcc", "aAcc"):
+        summary.add_row(key, f"{results[key]:.2f}%")
+    console.print(summary)
+    per_class = Table(title="per class")
+    for col, justify in (("class", "left"), ("IoU", "right"), ("Acc", "right")):
+        per_class.add_column(col, justify=justify)
+    for name, v in results["per_class"].items():
+        per_class.add_row(name, *("-" if v[k] is None else f"{v[k]:.2f}%" for k in ("IoU", "Acc")))
+    console.print(per_class)

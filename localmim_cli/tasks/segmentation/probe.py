@@ -160,18 +160,7 @@ def _fit(feats: torch.Tensor, masks: torch.Tensor, k: int, probe, seed: int, dev
 
 
 def print_probe(results: dict[str, Any], console: "Console") -> None:
-    from rich.table import Table
+    from localmim_cli.tasks.segmentation.metric import print_scores
 
-    table = Table(title=f"seg-linear: {results['checkpoint']} ({results['img_size']} px, "
-                        f"features {results['feature_grid'][0]}x{results['feature_grid'][1]})")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in ("mIoU", "mAcc", "aAcc"):
-        table.add_row(key, f"{results[key]:.2f}%")
-    console.print(table)
-    per_class = Table(title="per class")
-    for col in ("class", "IoU", "Acc"):
-        per_class.add_column(col, justify="left" if col == "class" else "right")
-    for name, v in results["per_class"].items():
-        per_class.add_row(name, *("-" if v[c] is None else f"{v[c]:.2f}%" for c in ("IoU", "Acc")))
-    console.print(per_class)
+    print_scores(results, f"seg-linear: {results['checkpoint']} ({results['img_size']} px, "
+                          f"features {results['feature_grid'][0]}x{results['feature_grid'][1]})", console)

@@ -3,7 +3,8 @@
 Fine-tuning tasks (classification, segmentation, ...) are siblings: each has its own settings
 schema here and its own recipe under `tasks/<name>/`, and `localmim finetune --task NAME` picks
 one. Adding a task is one `FinetuneTaskInfo` in `FINETUNE_TASKS`, a settings module and a task
-package; nothing else branches on the task's name.
+package (with, optionally, the figure `localmim visualize` draws of its runs); nothing else
+branches on the task's name.
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ class FinetuneTaskInfo:
     schema: type[Strict]   # what `localmim finetune --task NAME` reads
     recipe: str            # "module:attribute" of its `tasks.recipe.Recipe`, imported when a run starts
     summary: str           # one line, for --help and errors
+    figure: str | None = None   # "module:attribute" of its `tasks.task_figure.TaskFigure` (`visualize`)
 
 
 FINETUNE_TASKS: dict[str, FinetuneTaskInfo] = {info.name: info for info in (
     FinetuneTaskInfo("classification", FinetuneSettings, "localmim_cli.tasks.classification.recipe:RECIPE",
                      "an image classifier on a folder with one subfolder per class"),
     FinetuneTaskInfo("segmentation", SegmentationSettings, "localmim_cli.tasks.segmentation.recipe:RECIPE",
-                     "a semantic segmenter (UperNet) on images with per-pixel class masks"),
+                     "a semantic segmenter (UperNet) on images with per-pixel class masks",
+                     "localmim_cli.tasks.segmentation.figure:FIGURE"),
     FinetuneTaskInfo("detection", DetectionSettings, "localmim_cli.tasks.detection.recipe:RECIPE",
-                     "an object detector with instance masks (Mask R-CNN) on COCO-format annotations"),
+                     "an object detector with instance masks (Mask R-CNN) on COCO-format annotations",
+                     "localmim_cli.tasks.detection.figure:FIGURE"),
 )}
 
 COMMANDS: dict[str, type[Strict]] = {"pretrain": PretrainSettings, "finetune": FinetuneSettings,

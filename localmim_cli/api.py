@@ -110,11 +110,13 @@ def export(checkpoint: Path | str, out: Path | str, *, with_head: bool = False,
 
 def visualize(checkpoint: Path | str, images: list[Path | str] | None = None, *, out: Path | str | None = None,
               seed: int | None = None, mask_from: Path | str | None = None, mask_ratio: float | None = None,
-              device: str = "cpu", overwrite: bool = False) -> Path:
-    """Draw every scale's target next to its prediction; returns the PNG written (its JSON
-    sidecar, with masks and per-scale losses, lies beside it). `overwrite` replaces an earlier
-    figure of localmim's at `out`, never any other file."""
+              device: str = "cpu", overwrite: bool = False, score_threshold: float | None = None) -> Path:
+    """Draw every scale's target next to its prediction (a pretraining run), or a fine-tuning
+    run's predictions (segmentation: overlay, ground truth, legend; detection: boxes, masks and
+    scores at or above `score_threshold`); returns the PNG written (its JSON sidecar lies beside
+    it). `overwrite` replaces an earlier figure of localmim's at `out`, never any other file."""
     from localmim_cli.tasks import visualize as task
 
-    png, _ = task.visualize(checkpoint, images, out, seed, mask_from, mask_ratio, device, overwrite)
+    png, _ = task.visualize(checkpoint, images, out, seed, mask_from, mask_ratio, device, overwrite,
+                            score_threshold)
     return png

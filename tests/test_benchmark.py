@@ -187,3 +187,41 @@ def test_compile_and_precision_time_the_step_also_uncompiled_in_the_same_run(tin
         check_entry(out[key], steps=1, batch=4)
     check_ratios(out["vs_eager"], out["configured"], out["eager"])
     check_ratios(out["vs_baseline"], out["configured"], out["baseline"])
+
+
+# The dense recipes at a CPU's scale: a ViT-Ti/16 at 64 px, batch 2, small heads.
+SEG = ["--preset", "seg-vit-b-ade20k", "--set", "model.arch=vit_tiny_patch16_224", "--set", "model.img_size=64",
+       "--set", "val.stride=43", "--set", "model.decoder_channels=32", "--set", "model.aux_channels=16"]
+DET = ["--preset", "det-vit-b-coco", "--set", "model.arch=vit_tiny_patch16_224", "--set", "model.img_size=64",
+       "--set", "model.neck_channels=16", "--set", "model.box_fc=32", "--set", "model.mask_convs=1"]
+
+
+@pytest.mark.parametrize("task, args, what", [("segmentation", SEG, "UperNet (32 channels), 150 classes"),
+                                              ("detection", DET, "Mask R-CNN, 80 categories")])
+def test_a_dense_preset_times_its_step_against_the_classification_step(task, args, what):
+    out = run_json(*args, "--batch-size", "2", "--device", "cpu", "--steps", "2", "--warmup", "1")
+    assert out["task"] == task and out["batch_size"] == 2 and out["img_size"] == 64 and out["steps"] == 2
+    assert out["arch"] == "vit_tiny_patch16_224" and out["precision"] == "fp32" and out["memory_method"]
+    for key in ("classification", "configured"):
+        entry = out[key]
+        for figure in ("img_per_s", "step_ms", "peak_memory_bytes", "flops_per_image"):
+            assert entry[figure] > 0, (key, figure)
+        assert len(entry["step_ms_all"]) == 2
+        assert entry["img_per_s"] == pytest.approx(2 / (entry["step_ms"] / 1e3), rel=1e-9)
+    assert "1000 classes, Mixup/CutMix" in out["classification"]["what"] and what in out["configured"]["what"]
+    ratios = out["vs_classification"]
+    assert set(ratios) == {"img_per_s", "step_ms", "peak_memory_bytes", "flops_per_image"}
+    for key, ratio in ratios.items():
+        assert ratio == pytest.approx(out["configured"][key] / out["classification"][key], rel=1e-12), key
+    # the dense heads cost more per image than a classifier's, whatever the machine's speed
+    assert ratios["flops_per_image"] > 1
+
+
+def test_the_dense_report_prints_the_ratios_and_refuses_what_does_not_apply():
+    r = run_cli("benchmark", *SEG, "--batch-size", "2", "--device", "cpu", "--steps", "1", "--warmup", "0")
+    assert r.returncode == 0, r.stderr
+    assert "segmentation step vs the classification fine-tune step of vit_tiny_patch16_224 at batch 2, 64 px" in r.stdout
+    assert "segmentation / classification" in r.stdout and "classification fine-tune" in r.stdout
+    r = run_cli("benchmark", *DET, "--against", "demo", "--json")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "--against: not for a detection preset" in lines[0]

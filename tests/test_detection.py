@@ -114,6 +114,59 @@ def test_validation_ap_is_cocoeval_on_the_same_detections_by_hand(learned, scene
         assert best[f"val_mask_{name}"] == pytest.approx(100 * by_hand["segm"][k], abs=1e-9)
 
 
+def test_visualize_draws_the_detections_above_the_threshold_with_names_and_scores(learned, scenes, tmp_path, capsys):
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from localmim_cli.engine.distributed import from_environment
+    from localmim_cli.engine.loop import Placement
+    from localmim_cli.tasks.detection.data import read_det_data
+    from localmim_cli.tasks.detection.recipe import detector_from_checkpoint, predict_split
+
+    images = sorted((scenes / "val" / "images").iterdir())[:3]
+    png = tmp_path / "det.png"
+    r = run_cli("visualize", learned, *images, "--score-threshold", "0.1", "--out", png)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sidecar = json.loads(png.with_suffix(".json").read_text())
+    layout = sidecar["layout"]
+    assert Image.open(png).size == (layout["width"], layout["height"])
+    assert layout["panels"] == ["image", "detections", "legend"] and layout["rows"] == 3
+    assert sidecar["masks"] is True and sidecar["score_threshold"] == 0.1
+
+    # The detections drawn are validation's (the same model, the same test resize), those scoring >= 0.1.
+    model, settings, meta = detector_from_checkpoint(learned)
+    data = read_det_data(settings.data, True, meta["classes"])
+    by_name = {image.path.name: image for image in data.val.images}
+    results = predict_split(model, [by_name[p.name] for p in images], meta["category_ids"], settings,
+                            Placement(from_environment(), torch.device("cpu"), "fp32"))
+    names = {c["id"]: c["name"] for c in CATEGORIES}
+    drawn = 0
+    for path, item in zip(images, sidecar["images"]):
+        expected = [r for r in results if r["image_id"] == by_name[path.name].image_id and r["score"] >= 0.1]
+        assert len(item["detections"]) == len(expected), path
+        for got, want in zip(item["detections"], expected):
+            x, y, w, h = want["bbox"]
+            assert got["category_id"] == want["category_id"] and got["name"] == names[want["category_id"]]
+            assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+            assert got["box"] == pytest.approx([x, y, x + w, y + h], abs=1e-3)
+            assert got["mask_pixels"] == int(mask_utils.area(want["segmentation"]))      # the mask AP's mask
+        assert f"{path.name}: {len(expected)} detection(s)" in r.stdout
+        drawn += len(expected)
+    assert drawn > 0, "no detection above 0.1 to draw"
+
+    # A higher threshold draws the best of them only; the default is 0.5.
+    assert run_main(capsys, "visualize", learned, *images, "--score-threshold", "0.3", "--out", tmp_path / "hi.png")[0] == 0
+    high = json.loads((tmp_path / "hi.json").read_text())
+    for low_item, high_item in zip(sidecar["images"], high["images"]):
+        assert high_item["detections"] == [d for d in low_item["detections"] if d["score"] >= 0.3]
+    assert run_main(capsys, "visualize", learned, images[0], "--out", tmp_path / "default.png")[0] == 0
+    assert json.loads((tmp_path / "default.json").read_text())["score_threshold"] == 0.5
+    code, err = run_main(capsys, "visualize", learned, images[0], "--score-threshold", "1.5", "--out", tmp_path / "x.png")
+    assert code == 2 and "--score-threshold 1.5: a detection's score lies between 0 and 1" in err
+    code, err = run_main(capsys, "visualize", learned, images[0], "--seed", "3", "--out", tmp_path / "x.png")
+    assert code == 2 and "--seed: not an option of a detection run's figure" in err
+
+
 def test_resume_of_a_detection_run_is_exact(encoder, scenes, tmp_path):
     from safetensors.torch import load_file
 

@@ -109,6 +109,13 @@ SEGMENT = {"MODEL__IMG_SIZE": "64", "DATA__SCALE": "[128, 64]", "MODEL__DECODER_
            "TRAIN__PRECISION": "fp32", "DATA__WORKERS": "0", "TRAIN__LOGGERS": "[]"}
 
 
+# `benchmark --preset seg-/det-...` lines: the recipe's step on a ViT-Ti/16 at 64 px, batch 2, small heads.
+BENCH = {"MODEL__ARCH": "vit_tiny_patch16_224", "MODEL__IMG_SIZE": "64", "TRAIN__BATCH_SIZE": "2",
+         "TRAIN__DEVICE": "cpu", "TRAIN__PRECISION": "fp32"}
+BENCH_SEG = {**BENCH, "VAL__STRIDE": "43", "MODEL__DECODER_CHANNELS": "32", "MODEL__AUX_CHANNELS": "16"}
+BENCH_DET = {**BENCH, "MODEL__NECK_CHANNELS": "16", "MODEL__BOX_FC": "32", "MODEL__MASK_CONVS": "1"}
+
+
 def section_commands(title: str) -> list[str]:
     text = README.read_text()
     section = re.search(rf"^## {title}\n(.*?)(?=^## )", text, flags=re.M | re.S).group(1)
@@ -131,7 +138,8 @@ def test_every_segmentation_command_runs_as_written(tmp_path):
     for line in commands:
         words = line.split()
         assert words[0] == "localmim", line
-        shrink = TINY["pretrain"] if words[1] == "pretrain" else {} if "ade20k" in line else SEGMENT
+        shrink = (TINY["pretrain"] if words[1] == "pretrain" else BENCH_SEG if words[1] == "benchmark"
+                  else {} if "ade20k" in line else SEGMENT)
         env = cli_env(HOME=str(tmp_path), LOCALMIM_HOME=str(tmp_path / "home"),
                       PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
                       **{f"LOCALMIM_{k}": v for k, v in shrink.items()})
@@ -146,6 +154,9 @@ def test_every_segmentation_command_runs_as_written(tmp_path):
     assert "already finished" in printed["localmim finetune SCENES/ --preset seg-small --out runs/seg --resume"]
     plan = printed["localmim finetune ADEChallengeData2016/ --preset seg-vit-b-ade20k --dry-run"]
     assert "ade20k layout, 150 classes" in plan and "160000 steps" in plan
+    figure = json.loads((run / "figures" / "segmentation.json").read_text())
+    assert [Path(i["mask"]).name for i in figure["images"]] == ["scene_0000.png", "scene_0001.png"]
+    assert "segmentation / classification" in printed["localmim benchmark --preset seg-vit-b-ade20k --steps 5"]
 
 
 # The detection block's variables: the tiny ViT above, 64 px crops, a small neck, 4 iterations.
@@ -176,7 +187,8 @@ def test_every_detection_command_runs_as_written(tmp_path):
     for line in commands:
         words = line.split()
         assert words[0] == "localmim", line
-        shrink = DETECT if words[1] == "finetune" and "det-vit-b-coco" not in line else {}
+        shrink = (DETECT if words[1] == "finetune" and "det-vit-b-coco" not in line
+                  else BENCH_DET if words[1] == "benchmark" else {})
         env = cli_env(HOME=str(tmp_path), LOCALMIM_HOME=str(tmp_path / "home"),
                       PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
                       **{f"LOCALMIM_{k}": v for k, v in shrink.items()})
@@ -193,3 +205,6 @@ def test_every_detection_command_runs_as_written(tmp_path):
     assert (tmp_path / "exports" / "demo-mmdet" / "backbone.pth").is_file()
     plan = printed["localmim finetune coco/ --preset det-vit-b-coco --dry-run"]
     assert "coco layout, 3 categories" in plan and "184375 steps" in plan
+    figure = json.loads((run / "figures" / "detections.json").read_text())
+    assert len(figure["images"]) == 2 and figure["score_threshold"] == 0.3
+    assert "detection / classification" in printed["localmim benchmark --preset det-vit-b-coco --steps 5"]

@@ -59,15 +59,22 @@ def ade_scenes(tmp_path_factory) -> Path:
     return shared(tmp_path_factory, "seg-ade", lambda root: make_ade20k_set(root / "set", 16, 4, 96)) / "set"
 
 
-def test_a_short_cpu_finetune_learns_well_above_the_majority_class(encoder, scenes, tmp_path):
-    from localmim_cli.tasks.segmentation.metric import confusion, scores
-
-    run = tmp_path / "seg"
+@pytest.fixture(scope="module")
+def learned(encoder, scenes, tmp_path_factory) -> tuple[Path, str]:
+    """(a 100-step CPU fine-tune of the pretrained tiny ViT validated every 25 steps, its stdout)."""
+    run = tmp_path_factory.mktemp("seg-run") / "seg"
     r = run_cli("finetune", scenes, "--task", "segmentation", "--init", encoder, *SMALL, "--iterations", 100,
                 "--set", "optim.warmup_steps=10", "--set", "val.every=25", "--set", "data.val_fraction=0.2",
                 "--out", run)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "init " in r.stdout and "encoder tensors loaded; new: aux_head.*, decode_head.*" in r.stdout
+    return run, r.stdout
+
+
+def test_a_short_cpu_finetune_learns_well_above_the_majority_class(learned, scenes):
+    from localmim_cli.tasks.segmentation.metric import confusion, scores
+
+    run, stdout = learned
+    assert "init " in stdout and "encoder tensors loaded; new: aux_head.*, decode_head.*" in stdout
 
     # The baseline: the most frequent training class everywhere, scored on the run's validation images.
     manifest = json.loads((run / "manifest.json").read_text())
@@ -90,6 +97,76 @@ def test_a_short_cpu_finetune_learns_well_above_the_majority_class(encoder, scen
     assert val["best"]["val_mIoU"] == best == manifest["best"]["val_mIoU"]
     assert rows(run)[-1]["step"] == 100 and rows(run)[-1]["lr"] < rows(run)[1]["lr"]   # poly decay
     assert json.loads((run / "classes.json").read_text()) == CLASSES
+
+
+def panel_pixels(png: Path, layout: dict, row: int, column: int) -> np.ndarray:
+    """One panel of a figure, cut from the PNG where the sidecar's layout puts it."""
+    side, pad = layout["panel_px"], layout["pad"]
+    x = pad + column * (side + pad)
+    y = layout["header_px"] + pad + row * layout["row_px"] + layout["title_px"]
+    return np.asarray(Image.open(png).convert("RGB"))[y:y + side, x:x + side]
+
+
+def test_visualize_draws_prediction_ground_truth_and_a_legend_of_the_classes_present(learned, scenes, tmp_path):
+    from localmim_cli.config.segmentation import SegDataSettings
+    from localmim_cli.data.sample_photos import sample_photo_paths
+    from localmim_cli.tasks.segmentation.data import SegEvalSamples, read_mask, read_seg_data
+    from localmim_cli.tasks.segmentation.inference import infer, predict_labels
+    from localmim_cli.tasks.segmentation.recipe import segmenter_from_checkpoint
+
+    run, _ = learned
+    val = read_seg_data(SegDataSettings(path=scenes, val_fraction=0.2), seed=0).val[:2]
+    no_mask = sample_photo_paths()[0]                     # a photo outside any layout: no ground truth
+    png = tmp_path / "seg.png"
+    r = run_cli("visualize", run, *(p.image for p in val), no_mask, "--out", png)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{val[0].image.name}: predicted " in r.stdout and "no mask found" in r.stdout
+    sidecar = json.loads(png.with_suffix(".json").read_text())
+    layout = sidecar["layout"]
+    assert Image.open(png).size == (layout["width"], layout["height"])
+    assert layout["panels"] == ["image", "prediction", "ground truth", "legend"]
+    assert (layout["columns"], layout["rows"]) == (4, 3) and sidecar["classes"] == CLASSES
+
+    # What it predicts is what validation predicts: the run's slide inference, at the image's size.
+    model, settings, _ = segmenter_from_checkpoint(run)
+    samples = SegEvalSamples(val, tuple(settings.data.scale), False)
+    for row, (pair, item) in enumerate(zip(val, sidecar["images"])):
+        image, mask = samples[row]
+        logits = infer(model.predict, image[None], len(CLASSES), settings.val.mode, settings.model.img_size,
+                       settings.val.stride)
+        predicted = np.bincount(predict_labels(logits, tuple(mask.shape)).ravel().numpy(), minlength=len(CLASSES))
+        truth = np.bincount(read_mask(pair.mask, False).ravel(), minlength=len(CLASSES))
+        present = {k for k in range(len(CLASSES)) if predicted[k] or truth[k]}
+        assert item["mask"] == str(pair.mask)
+        assert {c["name"] for c in item["classes"]} == {CLASSES[k] for k in present}     # the legend's names
+        for c in item["classes"]:
+            assert (c["predicted_pixels"], c["truth_pixels"]) == (predicted[c["index"]], truth[c["index"]])
+        legend = panel_pixels(png, layout, row, 3).reshape(-1, 3)
+        for c in item["classes"][:item["legend_shown"]]:                       # each swatch is drawn
+            assert (legend == c["colour"]).all(axis=1).any(), c
+    assert sidecar["images"][2]["mask"] is None and "truth_pixels" not in sidecar["images"][2]["classes"][0]
+    assert (panel_pixels(png, layout, 2, 2) == 255).all()                       # no ground truth: blank
+
+
+def test_visualize_replaces_only_its_own_figure_and_only_when_asked(learned, scenes, tmp_path, capsys):
+    run, _ = learned
+    image = scenes / "images" / "scene_0000.png"
+    fig = tmp_path / "fig.png"
+    assert run_main(capsys, "visualize", run, image, "--out", fig)[0] == 0
+    code, err = run_main(capsys, "visualize", run, image, "--out", fig)
+    assert code == 2 and "exists (an earlier figure written by `localmim visualize`); pass --overwrite" in err
+    assert run_main(capsys, "visualize", run, image, "--out", fig, "--overwrite")[0] == 0
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"not a figure")
+    code, err = run_main(capsys, "visualize", run, "--out", mine)
+    assert code == 2 and "exists and is not a figure written by `localmim visualize`" in err
+    assert mine.read_bytes() == b"not a figure"
+    code, err = run_main(capsys, "visualize", run, "--out", run / "checkpoints" / "fig.png")
+    assert code == 2 and "nothing is ever written inside checkpoints" in err
+    code, err = run_main(capsys, "visualize", run, "--score-threshold", "0.3", "--out", tmp_path / "a.png")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "--score-threshold: not an option of a segmentation run's figure" in err
+    assert not (tmp_path / "a.png").exists()
 
 
 def test_resume_of_a_segmentation_run_is_exact(encoder, ade_scenes, tmp_path):

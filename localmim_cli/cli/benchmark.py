@@ -49,17 +49,27 @@ def benchmark(
     images/s, median step time, peak memory, FLOPs per image and achieved TFLOP/s, each with its
     ratio to the baseline; then the loader's images/s over DATA against the step's, and the
     share of time the step waits for data when the loader feeds it.
+
+    A segmentation or detection preset (seg-*, det-*) times that task's training step instead
+    (the model from model.arch, a synthetic batch, backward and AdamW) against the
+    classification fine-tune step of the same ViT at the same batch, size and precision, in the
+    same process: images/s, step time, peak memory and FLOPs per image, each as task /
+    classification. Shrink it with --batch-size and --set model.img_size=N (or model.arch).
     """
     if steps < 1:   # before torch is imported: a typo costs no start-up
         raise UsageError(f"--steps must be at least 1, got {steps}")
     if warmup < 0:
         raise UsageError(f"--warmup must be 0 or more, got {warmup}")
+    from localmim_cli.cli import task_benchmark
     from localmim_cli.config.resolve import resolve_settings
     from localmim_cli.config.schema import PretrainSettings
     from localmim_cli.tasks import benchmark as task
 
     flags = {"data.path": str(data) if data else None, "train.batch_size": batch_size,
              "train.device": device, "train.precision": precision, "train.compile": compile_}
+    if dense := task_benchmark.dense_task_of(preset):   # a segmentation / detection preset: its own step
+        return task_benchmark.benchmark(dense, preset, set_, flags, data=data, against=against, steps=steps,
+                                        warmup=warmup, as_json=as_json)
     resolved = resolve_settings(PretrainSettings, preset, config, set_, flags)
     note_others_env(resolved)
     second = task.against_settings(against, resolved.settings) if against else None

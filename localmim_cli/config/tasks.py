@@ -3,7 +3,8 @@
 Fine-tuning tasks (classification, segmentation, ...) are siblings: each has its own settings
 schema here and its own recipe under `tasks/<name>/`, and `localmim finetune --task NAME` picks
 one. Adding a task is one `FinetuneTaskInfo` in `FINETUNE_TASKS`, a settings module and a task
-package; nothing else branches on the task's name.
+package (with, optionally, the figure `localmim visualize` draws of its runs); nothing else
+branches on the task's name.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class FinetuneTaskInfo:
     summary: str           # one line, for --help and errors
     checkpoint_kind: str   # the `kind` its checkpoints record in meta.json
     evaluator: str         # module with its `evaluate` and `print_table` (`localmim evaluate`)
+    figure: str | None = None   # "module:attribute" of its `tasks.task_figure.TaskFigure` (`visualize`)
 
 
 FINETUNE_TASKS: dict[str, FinetuneTaskInfo] = {info.name: info for info in (
@@ -34,10 +36,10 @@ FINETUNE_TASKS: dict[str, FinetuneTaskInfo] = {info.name: info for info in (
                      "localmim_cli.tasks.classification.evaluate"),
     FinetuneTaskInfo("segmentation", SegmentationSettings, "localmim_cli.tasks.segmentation.recipe:RECIPE",
                      "a semantic segmenter (UperNet) on images with per-pixel class masks", "segmentation",
-                     "localmim_cli.tasks.segmentation.evaluate"),
+                     "localmim_cli.tasks.segmentation.evaluate", "localmim_cli.tasks.segmentation.figure:FIGURE"),
     FinetuneTaskInfo("detection", DetectionSettings, "localmim_cli.tasks.detection.recipe:RECIPE",
                      "an object detector with instance masks (Mask R-CNN) on COCO-format annotations", "detection",
-                     "localmim_cli.tasks.detection.evaluate"),
+                     "localmim_cli.tasks.detection.evaluate", "localmim_cli.tasks.detection.figure:FIGURE"),
 )}
 
 # Protocols of `localmim evaluate` that score an encoder (not a fine-tuned model) on another task's data.

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from localmim_cli.engine.checkpoints import Checkpoint
     from localmim_cli.engine.loop import Placement
     from localmim_cli.engine.task import Position, RunLog
+    from localmim_cli.tasks.task_benchmark import BenchStep
     from localmim_cli.weights.encoder_weights import EncoderWeights
 
 BEST = "best"  # checkpoints/best: the best validation score of the run
@@ -69,6 +70,12 @@ class Recipe(ABC):
     @abstractmethod
     def score_line(self, summary: dict[str, Any], run_dir: Path) -> str:
         """The validation part of the command line's last line ("" when there was none)."""
+
+    def benchmark_step(self, settings: Any, device: torch.device) -> BenchStep:
+        """The task's training step on a synthetic batch on `device`, the model built from
+        settings alone (model.arch), for `localmim benchmark --preset` (tasks/task_benchmark.py)."""
+        from localmim_cli.errors import UsageError
+        raise UsageError(f"benchmark: the {self.name} task has no step to time")
 
 
 def init_record(weights: EncoderWeights | None) -> dict[str, Any] | None:

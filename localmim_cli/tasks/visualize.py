@@ -1,5 +1,8 @@
 """`localmim visualize`: what every scale's local decoder predicts, drawn next to its target.
 
+(A fine-tuning run gets its task's figure instead: tasks/task_figure.py picks it by the task the
+checkpoint records. What follows is the pretraining figure.)
+
 checkpoint -> model with its decoders -> images (centre crop, model size) -> a mask per image
 (seeded noise, or a saved mask) -> one forward per image -> per scale: target and prediction
 drawn by the target plugin, the loss of that scale -> one PNG grid + a JSON sidecar.
@@ -357,15 +360,15 @@ def write_progress_figure(model, image_paths: list[Path], out_png: Path, seed: i
         model.train(was_training)
 
 
-def default_out(checkpoint: Path, overwrite: bool = False) -> Path:
-    """RUN/figures/reconstruction.png for a run directory, else ./reconstruction.png; when that
-    figure (or its sidecar) exists, the first free reconstruction-N.png, as evaluate names its
-    results: a rerun never replaces an earlier figure unless --overwrite says so."""
+def default_out(checkpoint: Path, overwrite: bool = False, name: str = DEFAULT_FIGURE) -> Path:
+    """RUN/figures/NAME for a run directory, else ./NAME (reconstruction.png, or a task figure's
+    name); when that figure (or its sidecar) exists, the first free NAME-N.png, as evaluate names
+    its results: a rerun never replaces an earlier figure unless --overwrite says so."""
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir() and (checkpoint / "checkpoints").is_dir():
-        first = checkpoint / "figures" / DEFAULT_FIGURE
+        first = checkpoint / "figures" / name
     else:
-        first = Path.cwd() / DEFAULT_FIGURE
+        first = Path.cwd() / name
     path, n = first, 1
     while not overwrite and (path.exists() or path.with_suffix(".json").exists()):
         n += 1
@@ -387,26 +390,50 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 
+# the figure flags (their Python names) that the reconstruction figure takes; a task's figure names its own
+RECONSTRUCTION_OPTIONS = frozenset({"seed", "mask_from", "mask_ratio"})
+FLAGS = {"seed": "--seed", "mask_from": "--mask-from", "mask_ratio": "--mask-ratio",
+         "score_threshold": "--score-threshold"}
+
+
 def visualize(checkpoint: Path | str, images: list[Path | str] | None = None, out: Path | str | None = None,
               seed: int | None = None, mask_from: Path | str | None = None, mask_ratio: float | None = None,
-              device: str = "cpu", overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Draw what every scale reconstructs: input, mask, and per scale the target next to the prediction.
+              device: str = "cpu", overwrite: bool = False,
+              score_threshold: float | None = None) -> tuple[Path, dict[str, Any]]:
+    """Draw what the checkpoint's model does on the images: for a pretraining checkpoint what
+    every scale reconstructs (input, mask, and per scale the target next to the prediction); for
+    a fine-tuning run, its task's figure (tasks/task_figure.py: a segmenter's prediction and
+    ground truth, a detector's boxes).
 
-    Writes one PNG (a row per image) and a JSON sidecar with each image's mask and per-scale
-    loss; returns (the PNG's path, the sidecar's content). An existing `out` is replaced only
-    when it is an earlier figure of localmim's and `overwrite` is set.
+    Writes one PNG (a row per image) and a JSON sidecar; returns (the PNG's path, the sidecar's
+    content). An existing `out` is replaced only when it is an earlier figure of localmim's and
+    `overwrite` is set.
     """
-    import torch
-
-    from localmim_cli.data.prepared import find_images
+    from localmim_cli.tasks.task_figure import FigureRequest, figure_for
 
     checkpoint = Path(checkpoint)
-    out = Path(out) if out is not None else default_out(checkpoint, overwrite)
+    figure = figure_for(checkpoint)
+    given = {k: v for k, v in (("seed", seed), ("mask_from", mask_from), ("mask_ratio", mask_ratio),
+                               ("score_threshold", score_threshold)) if v is not None}
+    accepted = figure.options if figure is not None else RECONSTRUCTION_OPTIONS
+    if foreign := [FLAGS[k] for k in given if k not in accepted]:
+        what = figure.what if figure is not None else "a pretraining run's reconstruction figure"
+        raise UsageError(f"{', '.join(foreign)}: not an option of {what} ({checkpoint}); "
+                         f"it takes {', '.join(FLAGS[k] for k in sorted(accepted)) or 'none of the figure flags'}")
+    out = Path(out) if out is not None else default_out(checkpoint, overwrite,
+                                                        figure.default_name if figure else DEFAULT_FIGURE)
     check_out(out, overwrite)
-    mask_from = Path(mask_from) if mask_from is not None else None
-    if mask_from is not None and seed is not None:
-        raise UsageError("give --seed or --mask-from, not both: --mask-from replays saved masks")
-    seed = 0 if seed is None else seed
+    paths = image_paths(images)
+    torch_device = parse_device(device)
+    if figure is not None:
+        return out, figure.draw(FigureRequest(checkpoint, paths, out, torch_device, given))
+    return out, _reconstruction(checkpoint, paths, out, seed, mask_from, mask_ratio, torch_device)
+
+
+def image_paths(images: list[Path | str] | None) -> list[Path]:
+    """The image files given (folders searched), or the built-in sample photos; at most MAX_IMAGES."""
+    from localmim_cli.data.prepared import find_images
+
     if images:
         paths = find_images([Path(p) for p in images])
     else:
@@ -415,12 +442,28 @@ def visualize(checkpoint: Path | str, images: list[Path | str] | None = None, ou
     if len(paths) > MAX_IMAGES:
         raise UsageError(f"IMAGES: {len(paths)} images found; one figure holds at most {MAX_IMAGES} rows, "
                          "pass fewer files or a smaller folder")
+    return paths
+
+
+def parse_device(device: str) -> "torch.device":
+    import torch
+
     try:
         torch_device = torch.device(device)
     except RuntimeError as exc:
         raise UsageError(f"--device {device!r}: {exc}") from None
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return torch_device
+
+
+def _reconstruction(checkpoint: Path, paths: list[Path], out: Path, seed: int | None, mask_from: Path | str | None,
+                    mask_ratio: float | None, torch_device: "torch.device") -> dict[str, Any]:
+    """The pretraining figure: what every scale reconstructs under seeded or replayed masks."""
+    mask_from = Path(mask_from) if mask_from is not None else None
+    if mask_from is not None and seed is not None:
+        raise UsageError("give --seed or --mask-from, not both: --mask-from replays saved masks")
+    seed = 0 if seed is None else seed
     model, settings, source = load_for_visualize(checkpoint)
     prepared = prepare_images(paths, settings["model"]["img_size"])
     if mask_from is not None:
@@ -430,8 +473,7 @@ def visualize(checkpoint: Path | str, images: list[Path | str] | None = None, ou
                              model.mask_ratio if mask_ratio is None else mask_ratio)
     ratio = None if mask_from is not None else (model.mask_ratio if mask_ratio is None else mask_ratio)
     model.to(torch_device)
-    sidecar = write_figure(model, prepared, masks, out, source=source,
-                           target_name=settings["model"]["target"]["name"],
-                           seed=None if mask_from is not None else seed, mask_ratio=ratio,
-                           mask_from=mask_from, extra={"checkpoint": str(checkpoint), "device": str(torch_device)})
-    return out, sidecar
+    return write_figure(model, prepared, masks, out, source=source,
+                        target_name=settings["model"]["target"]["name"],
+                        seed=None if mask_from is not None else seed, mask_ratio=ratio,
+                        mask_from=mask_from, extra={"checkpoint": str(checkpoint), "device": str(torch_device)})

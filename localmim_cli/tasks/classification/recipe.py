@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from localmim_cli.engine.loop import Placement
     from localmim_cli.engine.task import Position, RunLog
     from localmim_cli.tasks.features import LabelledSplit
+    from localmim_cli.tasks.task_benchmark import BenchStep
     from localmim_cli.weights.encoder_weights import EncoderWeights, ViTShape
     from localmim_cli.weights.via_timm import PluginShape
 
@@ -86,6 +87,29 @@ class ClassificationRecipe(Recipe):
         return (f"; val top-1 {val['val_top1']:.2f}% (best {best['val_top1']:.2f}% at epoch {best['epoch']}, "
                 f"kept in {Path(run_dir) / 'checkpoints' / 'best'})"
                 + verdict(best["val_top1"], summary.get("init_probes") or {}))
+
+    def benchmark_step(self, settings: "FinetuneSettings", device: "torch.device") -> "BenchStep":
+        """The classifier of model.arch at model.img_size with 1000 classes, Mixup/CutMix and the
+        run's criterion on normal-noise images: the baseline other tasks' steps are timed against."""
+        import torch
+
+        from localmim_cli.config.presets import scaled_lr
+        from localmim_cli.tasks.task_benchmark import IMAGENET_CLASSES, BenchStep, synthetic_images
+
+        shape = model_shape(settings, None)
+        model = build_classifier(shape, IMAGENET_CLASSES, settings, None).to(device).train()
+        batch, seed = settings.train.batch_size, settings.train.seed
+        images = synthetic_images(batch, shape.img_size, seed, device)
+        labels = torch.randint(0, IMAGENET_CLASSES, (batch,), generator=torch.Generator().manual_seed(seed)).to(device)
+        mix, loss_fn = mixer(settings, IMAGENET_CLASSES), criterion(settings)
+
+        def loss() -> torch.Tensor:
+            x, y = mix(images, labels) if mix is not None else (images, labels)
+            return loss_fn(model(x).float(), y)
+        opt = settings.optim
+        return BenchStep(f"{shape.describe()}, {IMAGENET_CLASSES} classes, Mixup/CutMix", model, loss,
+                         layer_decay_groups(model, opt.weight_decay, opt.layer_decay), scaled_lr(settings),
+                         tuple(opt.betas), opt.clip_grad)
 
 
 RECIPE = ClassificationRecipe()

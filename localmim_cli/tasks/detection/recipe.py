@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from localmim_cli.model.feature_pyramid import PyramidSpec
     from localmim_cli.tasks.detection.data import DetData, DetImage
     from localmim_cli.tasks.detection.model import Detector
+    from localmim_cli.tasks.task_benchmark import BenchStep
     from localmim_cli.weights.encoder_weights import EncoderWeights
 
 
@@ -82,6 +83,44 @@ class DetectionRecipe(Recipe):
         mask = f", mask AP {val['val_mask_AP']:.2f}" if val.get("val_mask_AP") is not None else ""
         return (f"; val box AP {val['val_box_AP']:.2f}{mask} (best box AP {best['val_box_AP']:.2f} at step "
                 f"{best['step']}, kept in {Path(run_dir) / 'checkpoints' / 'best'})")
+
+    def benchmark_step(self, settings: DetectionSettings, device: torch.device) -> BenchStep:
+        """The detector of model.arch with COCO's 80 categories on images of uniform noise, each
+        with 4 boxes (and box-shaped masks) of random categories: the summed RPN and RoI losses."""
+        import torch
+
+        from localmim_cli.config.presets import scaled_lr
+        from localmim_cli.engine.param_groups import layer_decay_groups
+        from localmim_cli.model.feature_pyramid import pyramid_spec
+        from localmim_cli.tasks.detection.model import detection_loss
+        from localmim_cli.tasks.task_benchmark import BenchStep
+
+        m, opt, batch, side = settings.model, settings.optim, settings.train.batch_size, settings.model.img_size
+        n, per_image = 80, 4
+        spec = pyramid_spec(None, side, m.arch, vit="vit_simple")
+        model = build_detector(settings, n, spec, None).to(device).train()
+        gen = torch.Generator().manual_seed(settings.train.seed)
+        images = [torch.rand(3, side, side, generator=gen).to(device) for _ in range(batch)]
+        targets = []
+        for _ in range(batch):
+            corner = torch.rand(per_image, 2, generator=gen) * 0.6 * side
+            size = (0.1 + 0.3 * torch.rand(per_image, 2, generator=gen)) * side
+            boxes = torch.cat([corner, (corner + size).clamp(max=side)], 1).round()
+            target = {"boxes": boxes, "labels": torch.randint(1, n + 1, (per_image,), generator=gen)}
+            if m.masks:
+                masks = torch.zeros(per_image, side, side, dtype=torch.uint8)
+                for k, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
+                    masks[k, y1:y2, x1:x2] = 1
+                target["masks"] = masks
+            targets.append({k: v.to(device) for k, v in target.items()})
+
+        def loss() -> torch.Tensor:
+            return detection_loss(model(images, targets))[0]
+        groups = layer_decay_groups(model, opt.weight_decay, opt.layer_decay, opt.no_decay_1d, opt.no_decay_names,
+                                    opt.no_decay_norm)
+        heads = "Mask R-CNN" if m.masks else "Faster R-CNN"
+        return BenchStep(f"{spec.describe()} + {heads}, {n} categories, {per_image} boxes per image", model, loss,
+                         groups, scaled_lr(settings), tuple(opt.betas), opt.clip_grad)
 
 
 RECIPE = DetectionRecipe()

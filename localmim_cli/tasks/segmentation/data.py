@@ -144,15 +144,14 @@ def read_seg_data(d: SegDataSettings, seed: int, classes: Sequence[str] | None =
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
     layout = detect_layout(root) if d.layout == "auto" else d.layout
+    zero = reduces_zero_label(layout, d.reduce_zero_label)
     if layout == "ade20k":
         train = _pairs(root / "images" / "training", root / "annotations" / "training")
         val = _pairs(root / "images" / "validation", root / "annotations" / "validation")
-        zero = True if d.reduce_zero_label is None else d.reduce_zero_label
         names = read_class_names(root) or (list(ade20k.CLASSES) if zero else None)
         data = SegData(layout, [], train, val, root, zero, val_root=root / "images" / "validation")
     else:
         pairs = _pairs(root / "images", root / "masks")
-        zero = bool(d.reduce_zero_label)
         names = read_class_names(root)
         if d.val_path is not None:
             val_root = Path(d.val_path)
@@ -167,6 +166,30 @@ def read_seg_data(d: SegDataSettings, seed: int, classes: Sequence[str] | None =
     if d.check == "full" or not data.classes:
         check_pairs(data)
     return data
+
+
+def reduces_zero_label(layout: str, setting: bool | None) -> bool:
+    """Whether label 0 is "other" (ignored) and k is class k - 1: ADE20K's convention unless
+    data.reduce_zero_label says otherwise; in the pairs layout only when it says so."""
+    return (True if setting is None else setting) if layout == "ade20k" else bool(setting)
+
+
+def mask_beside(image: Path) -> tuple[Path, str] | None:
+    """The mask a layout keeps for `image`, and the layout, when there is one:
+    ROOT/images/NAME.* -> ROOT/masks/NAME.png (pairs), ROOT/images/SPLIT/NAME.* ->
+    ROOT/annotations/SPLIT/NAME.png (ADE20K)."""
+    folder = image.parent
+    candidates = []
+    if folder.name == "images":
+        candidates.append((folder.parent / "masks" / f"{image.stem}.png", "pairs"))
+    if folder.parent.name == "images":
+        candidates.append((folder.parent.parent / "annotations" / folder.name / f"{image.stem}.png", "ade20k"))
+    return next(((mask, layout) for mask, layout in candidates if mask.is_file()), None)
+
+
+def layout_root(mask: Path, layout: str) -> Path:
+    """The layout's root folder (where classes.txt / classes.json lie) of one of its masks."""
+    return mask.parent.parent if layout == "pairs" else mask.parent.parent.parent
 
 
 def _split(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
@@ -261,14 +284,30 @@ def check_pairs(data: SegData, threads: int | None = None) -> None:
     n = len(data.classes)
     for pair, top in zip(every, labelled):
         if top >= n:
-            zero = " (with reduce_zero_label: stored value - 1; 0 is ignored)" if data.reduce_zero_label else ""
-            stored = top + 1 if data.reduce_zero_label else top
-            raise DataError(f"{pair.mask}: label {stored} is outside the {n} classes{zero}; labels are "
-                            f"{'1' if data.reduce_zero_label else '0'}..{n if data.reduce_zero_label else n - 1} "
-                            "and 255 (ignored); fix the mask or the class list")
+            raise _label_outside(pair.mask, top, n, data.reduce_zero_label)
     train_hist = np.sum(hists[:len(data.train)], axis=0)
     data.class_pixels = [int(c) for c in train_hist[:n]]
     data.checked = True
+
+
+def _label_outside(mask: Path, top: int, n: int, reduce_zero_label: bool) -> DataError:
+    zero = " (with reduce_zero_label: stored value - 1; 0 is ignored)" if reduce_zero_label else ""
+    stored = top + 1 if reduce_zero_label else top
+    return DataError(f"{mask}: label {stored} is outside the {n} classes{zero}; labels are "
+                     f"{'1' if reduce_zero_label else '0'}..{n if reduce_zero_label else n - 1} "
+                     "and 255 (ignored); fix the mask or the class list")
+
+
+def read_checked_mask(pair: Pair, reduce_zero_label: bool, num_classes: int) -> np.ndarray:
+    """One pair's mask (as `read_mask`), checked as training checks every pair: readable, of its
+    image's size, no label outside the classes; else a DataError of one line naming the file."""
+    hist, problem = _check_one(pair, reduce_zero_label)
+    if problem:
+        raise DataError(problem)
+    labelled = np.nonzero(hist[:IGNORE])[0]
+    if labelled.size and labelled.max() >= num_classes:
+        raise _label_outside(pair.mask, int(labelled.max()), num_classes, reduce_zero_label)
+    return read_mask(pair.mask, reduce_zero_label)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,10 +14,13 @@ position embeddings and relative position bias were built for; the padding's log
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Predict = Callable[[torch.Tensor], torch.Tensor]   # (N, 3, crop, crop) -> (N, K, crop, crop) logits
 
@@ -69,3 +72,16 @@ def infer(predict: Predict, images: torch.Tensor, num_classes: int, mode: str, c
     if mode == "slide":
         return slide_logits(predict, images, num_classes, crop, stride, batch_size)
     return whole_logits(predict, images)
+
+
+@torch.no_grad()
+def predict_image(predict: Predict, image: "np.ndarray", num_classes: int, scale: tuple[int, int], mode: str,
+                  crop: int, stride: int, batch_size: int = 8, device: torch.device | None = None) -> torch.Tensor:
+    """(H, W) labels of one (H, W, 3) uint8 image as validation predicts them: the image resized
+    (keeping its ratio) to `scale`, normalized, inferred in `mode`, the logits resized back to the
+    image's own size."""
+    from localmim_cli.tasks.segmentation.augment import normalize, rescaled_size, resize_image
+
+    x = normalize(resize_image(image, rescaled_size(image.shape[:2], scale)))[None]
+    logits = infer(predict, x.to(device) if device is not None else x, num_classes, mode, crop, stride, batch_size)
+    return predict_labels(logits, tuple(image.shape[:2]))[0]

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from localmim_cli.model.feature_pyramid import PyramidSpec
     from localmim_cli.tasks.segmentation.data import SegData
     from localmim_cli.tasks.segmentation.model import Segmenter
+    from localmim_cli.tasks.task_benchmark import BenchStep
     from localmim_cli.weights.encoder_weights import EncoderWeights
 
 
@@ -79,6 +80,36 @@ class SegmentationRecipe(Recipe):
             return ""
         return (f"; val mIoU {val['val_mIoU']:.2f}% (best {best['val_mIoU']:.2f}% at step {best['step']}, "
                 f"kept in {Path(run_dir) / 'checkpoints' / 'best'})")
+
+    def benchmark_step(self, settings: SegmentationSettings, device: torch.device) -> BenchStep:
+        """The segmenter of model.arch with ADE20K's 150 classes on normal-noise crops labelled in
+        16 x 16 blocks of random classes: decode + auxiliary loss, layer-decay groups."""
+        import torch
+        from torch.nn import functional as F
+
+        from localmim_cli.config.presets import scaled_lr
+        from localmim_cli.data import ade20k
+        from localmim_cli.engine.param_groups import layer_decay_groups
+        from localmim_cli.model.feature_pyramid import pyramid_spec
+        from localmim_cli.tasks.segmentation.model import segmentation_loss
+        from localmim_cli.tasks.task_benchmark import BenchStep, synthetic_images
+
+        m, opt, batch = settings.model, settings.optim, settings.train.batch_size
+        n = len(ade20k.CLASSES)
+        spec = pyramid_spec(None, m.img_size, m.arch)
+        model = build_segmenter(settings, n, spec, None).to(device).train()
+        images = synthetic_images(batch, m.img_size, settings.train.seed, device)
+        blocks = torch.randint(0, n, (batch, 1, -(-m.img_size // 16), -(-m.img_size // 16)),
+                               generator=torch.Generator().manual_seed(settings.train.seed))
+        labels = F.interpolate(blocks.float(), scale_factor=16, mode="nearest")[:, 0, :m.img_size, :m.img_size]
+        labels = labels.long().to(device)
+
+        def loss() -> torch.Tensor:
+            logits, aux = model(images)
+            return segmentation_loss(logits, aux, labels, m.aux_weight)[0]
+        groups = layer_decay_groups(model, opt.weight_decay, opt.layer_decay, opt.no_decay_1d, opt.no_decay_names)
+        return BenchStep(f"{spec.describe()} + UperNet ({m.decoder_channels} channels), {n} classes", model, loss,
+                         groups, scaled_lr(settings), tuple(opt.betas), opt.clip_grad)
 
 
 RECIPE = SegmentationRecipe()

@@ -13,8 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from localmim_cli.config.schema import (MAX_ACCUM, MAX_BATCH, MAX_IMG_SIZE, MAX_KEEP, MAX_LR, MAX_REPEATS, MAX_STEPS,
-                                        MAX_WORKERS, SEED_RANGE, Device, SpeedSettings, Strict, loggers_field)
+from localmim_cli.config.schema import (MAX_BATCH, MAX_IMG_SIZE, MAX_LR, MAX_REPEATS, MAX_STEPS, MAX_WORKERS,
+                                        SEED_RANGE, Strict, TrainingRunSettings)
 from localmim_cli.config.segmentation import Range
 
 Share = Annotated[float, Field(gt=0, lt=1)]
@@ -113,21 +113,15 @@ class DetValSettings(Strict):
     batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="images per forward in validation")
 
 
-class DetTrainSettings(SpeedSettings):
+class DetTrainSettings(TrainingRunSettings):
     iterations: int = Field(184375, ge=1, le=MAX_STEPS, description="optimizer steps of the run (ViTDet 100 "
                             "epochs of COCO at 64 images per step: 184375)")
     batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="images per device per micro-step (ViTDet: 1 on "
                             "each of 64 GPUs)")
-    accum_steps: int = Field(1, ge=1, le=MAX_ACCUM, description="micro-steps per optimizer step")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto = bf16 on GPUs that have it, fp16 (with loss scaling) on older GPUs, fp32 on CPUs")
-    device: Device = Field("auto", description="auto, cpu, mps, cuda, cuda:N")
     seed: int = Field(0, **SEED_RANGE, description="run seed: augmentations, sampling, drop path derive from it")
     log_every: int = Field(20, ge=1, le=MAX_STEPS, description="optimizer steps between logged metrics")
     checkpoint_every: int = Field(5000, ge=0, le=MAX_STEPS, description="optimizer steps between checkpoints "
                                   "(0 = at each epoch's end); the last step always")
-    keep_last: int = Field(2, ge=1, le=MAX_KEEP, description="checkpoints kept")
-    loggers: list[str] = loggers_field()
 
 
 class DetectionSettings(Strict):

@@ -172,25 +172,31 @@ def loggers_field():
                  "[] = metrics.jsonl only")
 
 
-class TrainSettings(SpeedSettings):
+class TrainingRunSettings(SpeedSettings):
+    """What every training command's `train` section shares: where and how precisely the step runs,
+    how it accumulates, what is kept and logged. Each command adds its length, batch and cadence."""
+
+    accum_steps: int = Field(1, ge=1, le=MAX_ACCUM, description="micro-steps per optimizer step")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPUs that have it, fp16 (with loss scaling) on older "
+                            "GPUs, fp32 on CPUs")
+    device: Device = Field("auto", description="auto, cpu, mps, cuda, cuda:N")
+    keep_last: int = Field(2, ge=1, le=MAX_KEEP, description="checkpoints kept")
+    loggers: list[str] = loggers_field()
+
+
+class TrainSettings(TrainingRunSettings):
     fsdp: bool = Field(False, description="under torchrun with 2+ processes: shard parameters, gradients "
                                           "and optimizer state per encoder block (FSDP2) instead of "
                                           "replicating them (DDP); checkpoints stay whole. Not with "
                                           "visualize_every (figures come from the main process alone)")
     epochs: int = Field(1600, ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(256, ge=1, le=MAX_BATCH, description="images per device per micro-step")
-    accum_steps: int = Field(1, ge=1, le=MAX_ACCUM, description="micro-steps per optimizer step")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto = bf16 on GPUs that have it, fp16 (with loss scaling) on older "
-                            "GPUs, fp32 on CPUs")
-    device: Device = Field("auto", description="auto, cpu, mps, cuda, cuda:N")
     seed: int = Field(0, **SEED_RANGE, description="run seed; crops, flips and masks derive from it per sample")
     log_every: int = Field(20, ge=1, le=MAX_STEPS, description="optimizer steps between logged metrics")
     checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS, description="optimizer steps between checkpoints "
                                                        "(0 = at each epoch's end); the last step always")
-    keep_last: int = Field(2, ge=1, le=MAX_KEEP, description="checkpoints kept")
     visualize_every: int = Field(0, ge=0, le=MAX_EPOCHS, description="epochs between reconstruction figures (0 = never)")
-    loggers: list[str] = loggers_field()
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
 
     @model_validator(mode="after")
@@ -276,22 +282,15 @@ class FinetuneOptimSettings(Strict):
     _floor_below_peak = model_validator(mode="after")(_min_lr_below_lr)
 
 
-class FinetuneTrainSettings(SpeedSettings):
+class FinetuneTrainSettings(TrainingRunSettings):
     epochs: int = Field(100, ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(128, ge=1, le=MAX_BATCH, description="images per device per micro-step")
-    accum_steps: int = Field(1, ge=1, le=MAX_ACCUM, description="micro-steps per optimizer step")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto = bf16 on GPUs that have it, fp16 (with loss scaling) on older "
-                            "GPUs, fp32 on CPUs")
-    device: Device = Field("auto", description="auto, cpu, mps, cuda, cuda:N")
     seed: int = Field(0, **SEED_RANGE, description="run seed: split, augmentations, mixing and drop path derive from it")
     log_every: int = Field(20, ge=1, le=MAX_STEPS, description="optimizer steps between logged metrics")
     eval_every: int = Field(1, ge=0, le=MAX_EPOCHS, description="epochs between validation passes (0 = last epoch only)")
     eval_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH, description="validation batch; empty = batch_size")
     checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS, description="optimizer steps between checkpoints "
                                                        "(0 = at each epoch's end); the last step always")
-    keep_last: int = Field(2, ge=1, le=MAX_KEEP, description="checkpoints kept")
-    loggers: list[str] = loggers_field()
     head_warmup_epochs: int = Field(
         0, ge=0, le=MAX_EPOCHS, description="linear probe, then fine-tune (LP-FT): for the first N epochs "
         "only fc_norm and the head train, on the frozen encoder's features; then everything does "

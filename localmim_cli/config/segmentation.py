@@ -12,9 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
-from localmim_cli.config.schema import (MAX_ACCUM, MAX_BATCH, MAX_IMG_SIZE, MAX_KEEP, MAX_LR, MAX_REPEATS, MAX_STEPS,
-                                        MAX_WORKERS, SEED_RANGE, Device, SpeedSettings, Strict, _min_lr_below_lr,
-                                        loggers_field)
+from localmim_cli.config.schema import (MAX_BATCH, MAX_IMG_SIZE, MAX_LR, MAX_REPEATS, MAX_STEPS, MAX_WORKERS,
+                                        SEED_RANGE, Strict, TrainingRunSettings, _min_lr_below_lr)
 
 
 def _ordered(value: tuple[float, float]) -> tuple[float, float]:
@@ -106,21 +105,14 @@ class SegValSettings(Strict):
     batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="windows (slide) or images (whole) per forward")
 
 
-class SegTrainSettings(SpeedSettings):
+class SegTrainSettings(TrainingRunSettings):
     iterations: int = Field(160000, ge=1, le=MAX_STEPS, description="optimizer steps of the run (published 160k)")
     batch_size: int = Field(2, ge=2, le=MAX_BATCH, description="images per device per micro-step (published 2 on each "
                                                  "of 8 GPUs); 2 at least for the heads' batch norms")
-    accum_steps: int = Field(1, ge=1, le=MAX_ACCUM, description="micro-steps per optimizer step")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto = bf16 on GPUs that have it, fp16 (with loss scaling) on older "
-                            "GPUs, fp32 on CPUs")
-    device: Device = Field("auto", description="auto, cpu, mps, cuda, cuda:N")
     seed: int = Field(0, **SEED_RANGE, description="run seed: split, augmentations, dropout and drop path derive from it")
     log_every: int = Field(50, ge=1, le=MAX_STEPS, description="optimizer steps between logged metrics")
     checkpoint_every: int = Field(16000, ge=0, le=MAX_STEPS, description="optimizer steps between checkpoints "
                                                            "(0 = at each epoch's end); the last step always")
-    keep_last: int = Field(2, ge=1, le=MAX_KEEP, description="checkpoints kept")
-    loggers: list[str] = loggers_field()
 
 
 class SegmentationSettings(Strict):

@@ -10,6 +10,7 @@ import typer
 
 from localmim_cli.cli.options import NO_VALUE, BatchOpt, ConfigOpt, DeviceOpt, PrecisionOpt, PresetOpt, SetOpt
 from localmim_cli.cli.output import console, err_console, note_others_env
+from localmim_cli.cli.bench_format import Phases, human_size, ratio_text
 from localmim_cli.errors import UsageError
 
 
@@ -76,54 +77,13 @@ def benchmark(
     label = preset or (config.name if config else "defaults")
     if set_:
         label += f" + {len(set_)} --set"
-    with _Phases(bar=err_console.is_terminal) as phases:
+    with Phases(bar=err_console.is_terminal) as phases:
         result = task.benchmark(resolved, label=label, against=second, against_label=against or "",
                                 steps=steps, warmup=warmup, progress=phases.start)
     if as_json:
         print(json.dumps(result))
     else:
         print_report(result)
-
-
-class _Phases:
-    """Progress on stderr, so stdout keeps only the result: a bar per phase on a terminal, one
-    line per phase elsewhere (logs, CI)."""
-
-    def __init__(self, bar: bool):
-        self.bar = bar
-        self._progress = None
-
-    def __enter__(self) -> "_Phases":
-        if self.bar:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), console=err_console, transient=True)
-            self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-
-    def start(self, phase: str, total: int):
-        if self._progress is None:
-            err_console.print(f"{phase} ...", highlight=False)
-            return lambda: None
-        task_id = self._progress.add_task(phase, total=total)
-        return lambda: self._progress.update(task_id, advance=1)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _ratio(r: float | None) -> str:
-    return "n/a" if r is None else f"{r:.2f}x"
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -170,9 +130,9 @@ def print_report(result: dict[str, Any]) -> None:
 
 
 def _row(e: dict[str, Any]) -> list[str]:
-    return [e["label"], f"{e['img_per_s']:.1f}", f"{e['step_ms']:.1f}", _size(e["peak_memory_bytes"]),
+    return [e["label"], f"{e['img_per_s']:.1f}", f"{e['step_ms']:.1f}", human_size(e["peak_memory_bytes"]),
             f"{e['flops_per_image'] / 1e9:.3g}", f"{e['tflops']:.3g}"]
 
 
 def _ratios(r: dict[str, float | None]) -> list[str]:
-    return [_ratio(r[k]) for k in ("img_per_s", "step_ms", "peak_memory_bytes", "flops_per_image", "tflops")]
+    return [ratio_text(r[k]) for k in ("img_per_s", "step_ms", "peak_memory_bytes", "flops_per_image", "tflops")]

@@ -25,7 +25,7 @@ def dense_task_of(preset: str | None) -> str | None:
 
 def benchmark(task: str, preset: str, sets: list[str] | None, flags: dict[str, Any], *, data: Path | None,
               against: str | None, steps: int, warmup: int, as_json: bool) -> None:
-    from localmim_cli.cli.benchmark import _Phases
+    from localmim_cli.cli.bench_format import Phases
     from localmim_cli.config.resolve import resolve_settings
     from localmim_cli.config.tasks import finetune_task
     from localmim_cli.tasks import task_benchmark
@@ -37,7 +37,7 @@ def benchmark(task: str, preset: str, sets: list[str] | None, flags: dict[str, A
     flags.pop("data.path", None)
     resolved = resolve_settings(finetune_task(task).schema, preset, None, sets, flags)
     label = preset + (f" + {len(sets)} --set" if sets else "")
-    with _Phases(bar=err_console.is_terminal) as phases:
+    with Phases(bar=err_console.is_terminal) as phases:
         result = task_benchmark.benchmark_task(resolved, label=label, steps=steps, warmup=warmup,
                                                progress=phases.start)
     if as_json:
@@ -49,7 +49,7 @@ def benchmark(task: str, preset: str, sets: list[str] | None, flags: dict[str, A
 def print_report(result: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from localmim_cli.cli.benchmark import _ratio, _size
+    from localmim_cli.cli.bench_format import human_size, ratio_text
 
     t = result["threads"]
     console.print(f"device {result['device']} ({result['device_name']}), torch {result['torch']}; {result['task']} "
@@ -61,10 +61,10 @@ def print_report(result: dict[str, Any]) -> None:
         table.add_column(column, justify="left" if column == "step" else "right")
     for key in ("classification", "configured"):
         e = result[key]
-        table.add_row(e["label"], f"{e['img_per_s']:.2f}", f"{e['step_ms']:.1f}", _size(e["peak_memory_bytes"]),
+        table.add_row(e["label"], f"{e['img_per_s']:.2f}", f"{e['step_ms']:.1f}", human_size(e["peak_memory_bytes"]),
                       f"{e['flops_per_image'] / 1e9:.3g}")
     r = result["vs_classification"]
-    table.add_row(f"{result['task']} / classification", *(_ratio(r[k]) for k in
+    table.add_row(f"{result['task']} / classification", *(ratio_text(r[k]) for k in
                                                            ("img_per_s", "step_ms", "peak_memory_bytes", "flops_per_image")),
                   style="bold")
     console.print(table)

@@ -3,9 +3,12 @@
 LocalMIM: four taps, four scales, HOG. Top-only: the same encoder, one decoder on the last layer
 at scale 1, the same HOG. Both are built in one process and timed in interleaved rounds (one step
 of each per round, AdamW included; median over rounds), at the demo preset's ViT and at a ViT
-192 wide, 12 layers, 224 px. With --profile, a torch.profiler table of one step of each by module.
+192 wide, 12 layers, 224 px (and ViT-B/16, 224 px, decoders 256 wide). Next to the measured
+wall ratio stands the FLOP ratio of the two steps (matrix products, convolutions, attention;
+forward and backward): the floor no rewrite goes under, since four decoders do four decoders'
+work. With --profile, a torch.profiler table of one step of each by module.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_local_decoders.py [--rounds 9] [--profile]
+    OMP_NUM_THREADS=2 python benchmarks/bench_local_decoders.py [--rounds 9] [--flops-only vit-b] [--profile]
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from localmim_cli.config.resolve import resolve_settings
 from localmim_cli.config.schema import PretrainSettings
 from localmim_cli.model.build import build_model
-from localmim_cli.tasks.benchmark import synthetic_batch, training_step
+from localmim_cli.tasks.benchmark import count_flops, synthetic_batch, training_step
 
 SIZES = {
     "demo": ("demo", []),   # 96 wide, 6 layers, 64 px, patch 8, decoders 64 wide
@@ -27,6 +30,7 @@ SIZES = {
                          "model.encoder.options.patch_size=16", "model.encoder.options.embed_dim=192",
                          "model.encoder.options.depth=12",
                          "model.decoder.width=128"]),
+    "vit-b": ("vit-b16-hog-100ep", []),   # 768 wide, 12 layers, 224 px, patch 16, decoders 256 wide
 }
 
 
@@ -35,7 +39,7 @@ def settings(size: str, top_only: bool) -> PretrainSettings:
     s = resolve_settings(PretrainSettings, preset=preset, sets=sets,
                          flags={"train.batch_size": 16, "train.precision": "fp32", "train.device": "cpu"}).settings
     if top_only:
-        depth = s.model.encoder.options["depth"]
+        depth = s.model.encoder.options.get("depth") or build_model(s.model).encoder.tap_layers[-1]
         s = s.model_copy(update={"model": s.model.model_copy(update={"taps": [depth], "scales": [1.0]})})
     return s
 
@@ -46,6 +50,12 @@ def prepare(s: PretrainSettings):
     step = training_step(model, s, "fp32", torch.device("cpu"))
     images, noise = synthetic_batch(16, s.model.img_size, model.num_units, 0, torch.device("cpu"))
     return model, (lambda: step(images, noise))
+
+
+def flop_ratio(size: str) -> float:
+    """FLOPs of one LocalMIM step over one top-only step (the counted step warms up too)."""
+    local, top = (count_flops(prepare(settings(size, top))[1]) for top in (False, True))
+    return local / top
 
 
 def measure(size: str, rounds: int) -> tuple[float, float]:
@@ -100,13 +110,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES))
+    parser.add_argument("--flops-only", nargs="*", default=["vit-b"], metavar="SIZE",
+                        help="sizes counted but not timed (default: vit-b, slow on a CPU)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     print(f"threads {torch.get_num_threads()}, fp32, batch 16, median of {args.rounds} interleaved rounds")
-    print("| size | LocalMIM img/s | top-only img/s | cost ratio |\n|---|---|---|---|")
+    print("| size | LocalMIM img/s | top-only img/s | wall ratio | FLOP ratio (floor) |\n|---|---|---|---|---|")
     for size in args.sizes:
+        floor = flop_ratio(size)
+        if size in args.flops_only:
+            print(f"| {size} | - | - | - | {floor:.2f}x |", flush=True)
+            continue
         local, top = measure(size, args.rounds)
-        print(f"| {size} | {local:.1f} | {top:.1f} | {top / local:.2f}x |", flush=True)
+        print(f"| {size} | {local:.1f} | {top:.1f} | {top / local:.2f}x | {floor:.2f}x |", flush=True)
     if args.profile:
         for size in args.sizes:
             profile(size)

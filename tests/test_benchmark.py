@@ -4,6 +4,8 @@ and the measuring helpers it is built from."""
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,13 @@ def test_benchmark_json_on_a_tiny_config(tiny_config):
     assert "published" in out["baseline"]["what"]
     check_ratios(out["vs_baseline"], out["configured"], out["baseline"])
     assert "against" not in out and "vs_against" not in out
+    # the local decoders' cost: the same model with its top decoder only, timed in the same rounds
+    check_entry(out["top_only"], steps=3, batch=4)
+    assert out["top_only"]["label"] == "tiny.toml top-only"
+    cost = out["local_decoders_cost"]
+    assert math.isfinite(cost) and cost > 0
+    assert cost == pytest.approx(out["configured"]["step_ms"] / out["top_only"]["step_ms"], rel=1e-12)
+    assert out["local_decoders_flops"] > 1   # three more decoders do more work
 
     data = out["data"]
     assert data["source"] == "built-in sample photos" and data["images"] == len(sample_photo_paths())
@@ -99,6 +108,9 @@ def test_the_human_report_names_the_baseline_and_the_ratio(tiny_config):
     result = run_cli("benchmark", "--config", tiny_config, "--steps", "1", "--warmup", "0")
     assert result.returncode == 0, result.stderr
     assert "tiny.toml / baseline" in result.stdout
+    line = re.search(r"local decoders: LocalMIM step / same model top-only = (\S+)x", result.stdout)
+    assert line, result.stdout
+    assert math.isfinite(float(line[1])) and float(line[1]) > 0
     assert "published" in result.stdout and "loader" in result.stdout and "intra-op" in result.stdout
     # progress goes to stderr, one line per phase when stderr is not a terminal
     assert "baseline: build" in result.stderr and "interleaved" in result.stderr

@@ -45,3 +45,9 @@ def human_size(n: float) -> str:
 
 def ratio_text(r: float | None) -> str:
     return "n/a" if r is None else f"{r:.2f}x"
+
+
+def local_decoders_line(step_ratio: float, flop_ratio: float) -> str:
+    """The cost of the decoders below the top one: measured, and the FLOP floor beside it."""
+    return (f"local decoders: LocalMIM step / same model top-only = {step_ratio:.2f}x "
+            f"(FLOPs {flop_ratio:.2f}x: the part no rewrite removes)")

@@ -10,7 +10,7 @@ import typer
 
 from localmim_cli.cli.options import NO_VALUE, BatchOpt, ConfigOpt, DeviceOpt, PrecisionOpt, PresetOpt, SetOpt
 from localmim_cli.cli.output import console, err_console, note_others_env
-from localmim_cli.cli.bench_format import Phases, human_size, ratio_text
+from localmim_cli.cli.bench_format import Phases, human_size, local_decoders_line, ratio_text
 from localmim_cli.errors import UsageError
 
 
@@ -108,8 +108,12 @@ def print_report(result: dict[str, Any]) -> None:
         table.add_row(*_row(result["against"]))
         table.add_row(f"{conf['label']} / {result['against']['label']}", *_ratios(result["vs_against"]),
                       style="bold")
+    if "top_only" in result:
+        table.add_row(*_row(result["top_only"]))
     console.print(table)
-    for key in ("baseline", "configured", "eager", "against"):
+    if (cost := result.get("local_decoders_cost")) is not None:
+        console.print(local_decoders_line(cost, result["local_decoders_flops"]), highlight=False)
+    for key in ("baseline", "configured", "eager", "against", "top_only"):
         if e := result.get(key):
             how = f", compile {e['compile']}, {e['optimizer']}" if "compile" in e else ""
             console.print(f"{e['label']}: {e['encoder']} encoder, {e['target']} target, {e['img_size']} px, "

@@ -3,7 +3,8 @@
 Per colour channel: Sobel gradients by a 3x3 float32 convolution with reflect padding,
 orientation atan2(gx, gy) (x-gradient first: unsigned, measured from the y axis), hard binning
 floor(phase / pi * nbins) mod nbins, magnitude into its bin, mean over each cell, L2 norm of
-each cell's histogram. Channels are concatenated R, G, B, giving 3 * nbins values per cell.
+each cell's histogram. The numbers are the published ones (to float rounding); how they are
+reached is cheaper: see `_cell_sums`. Channels are concatenated R, G, B, giving 3 * nbins values per cell.
 
 Why a convolution and not shifted slices: many pixels sit exactly on a bin edge, so rounding
 decides their bin; the convolution's rounding is what the published checkpoints were trained on.
@@ -55,35 +56,63 @@ class HOGTarget(ReconstructionTarget):
         g = F.conv2d(padded, weight, self.sobel_bias.reshape(-1))
         return g.unflatten(1, (n_scales, 2))
 
-    def _histogram(self, g: torch.Tensor) -> torch.Tensor:
-        """(N, 2, H, W) gradients -> (N, nbins, H, W) per-pixel orientation histograms."""
-        magnitude = g.norm(dim=1, keepdim=True)
-        phase = torch.atan2(g[:, 0], g[:, 1]).unsqueeze(1)
-        position = phase / math.pi * self.nbins
-        hist = torch.zeros(g.shape[0], self.nbins, *g.shape[2:], dtype=g.dtype, device=g.device)
+    def _cell_sums(self, g: torch.Tensor, cell: int) -> torch.Tensor:
+        """(N, 2, H, W) gradients -> (N, H // cell, W // cell, nbins): each cell's magnitude per bin.
+
+        Sums, not means: the L2 normalisation that follows cancels the 1 / cell^2. Each pixel's
+        magnitude is added straight into its (cell, bin) slot, so no per-pixel histogram (nbins
+        planes of the full image) is ever built, zeroed or pooled. Bins last: the normalisation
+        then reduces over contiguous memory. Pixels past the last whole cell are dropped, as
+        average pooling drops them.
+        """
+        n = g.shape[0]
+        h, w = g.shape[2] // cell, g.shape[3] // cell
+        gx, gy = g[:, 0, :h * cell, :w * cell], g[:, 1, :h * cell, :w * cell]
+        magnitude = (gx * gx + gy * gy).sqrt().reshape(n, -1)
+        position = (torch.atan2(gx, gy) / math.pi * self.nbins).reshape(n, -1)
+        rows = torch.arange(h * cell, device=g.device) // cell
+        cols = torch.arange(w * cell, device=g.device) // cell
+        slot = ((rows[:, None] * w + cols[None, :]) * self.nbins).reshape(1, -1)  # first bin of each pixel's cell
+        sums = torch.zeros(n, h * w * self.nbins, dtype=g.dtype, device=g.device)
         if not self.options.soft:
-            return hist.scatter_(1, position.floor().long() % self.nbins, magnitude)
-        # Soft: bin b's centre is at b + 0.5; share the magnitude between the two centres around it.
-        below = (position - 0.5).floor()
-        upper_weight = position - 0.5 - below
-        hist.scatter_add_(1, below.long() % self.nbins, magnitude * (1 - upper_weight))
-        hist.scatter_add_(1, (below.long() + 1) % self.nbins, magnitude * upper_weight)
-        return hist
+            sums.scatter_add_(1, slot + position.floor().long() % self.nbins, magnitude)
+        else:
+            # Soft: bin b's centre is at b + 0.5; share the magnitude between the two centres around it.
+            below = (position - 0.5).floor()
+            upper_weight = position - 0.5 - below
+            sums.scatter_add_(1, slot + below.long() % self.nbins, magnitude * (1 - upper_weight))
+            sums.scatter_add_(1, slot + (below.long() + 1) % self.nbins, magnitude * upper_weight)
+        return sums.reshape(n, h, w, self.nbins)
+
+    @staticmethod
+    def _merge(sums: torch.Tensor, factor: int) -> torch.Tensor:
+        """(N, h, w, nbins) cell sums -> the sums of cells `factor` times larger (whole ones)."""
+        if factor == 1:
+            return sums
+        n, h, w, nbins = sums.shape
+        h, w = h // factor, w // factor
+        return sums[:, :h * factor, :w * factor].reshape(n, h, factor, w, factor, nbins).sum((2, 4))
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         batch, n_chan, height, width = images.shape
         with torch.autocast(device_type=images.device.type, enabled=False):
             channels = images.float().reshape(batch * n_chan, 1, height, width)
             grads = self._gradients(channels)
-            shared = None if self.sobel_bias is not None else self._histogram(grads[:, 0])
+            # Without bias every scale shares one gradient field: sum it into the finest cells once,
+            # then merge those into each coarser cell that they tile.
+            finest = min(self.cells_px)
+            shared = None if self.sobel_bias is not None else self._cell_sums(grads[:, 0], finest)
             targets = []
             for k, cell in enumerate(self.cells_px):
-                hist = shared if shared is not None else self._histogram(grads[:, k])
-                pooled = F.avg_pool2d(hist, cell, stride=cell)  # (B*3, nbins, h, w)
-                pooled = F.normalize(pooled, p=2, dim=1)
-                h, w = pooled.shape[-2:]
-                # (B*3, nbins, h, w) -> (B, h*w, 3*nbins), channel blocks R, G, B
-                targets.append(pooled.reshape(batch, n_chan * self.nbins, h * w).transpose(1, 2))
+                if shared is not None and cell % finest == 0:
+                    sums = self._merge(shared, cell // finest)
+                else:
+                    sums = self._cell_sums(grads[:, k if self.sobel_bias is not None else 0], cell)
+                hist = F.normalize(sums, p=2, dim=-1)  # (B*3, h, w, nbins)
+                h, w = hist.shape[1:3]
+                # (B*3, h, w, nbins) -> (B, h*w, 3*nbins), channel blocks R, G, B
+                targets.append(hist.reshape(batch, n_chan, h * w, self.nbins).transpose(1, 2)
+                               .reshape(batch, h * w, n_chan * self.nbins))
         return targets
 
     legend = ("HOG: one line glyph per cell and orientation bin, along the edge direction of the bin "

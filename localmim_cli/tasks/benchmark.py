@@ -13,6 +13,10 @@ Every figure comes with its ratio configured / baseline; bare times mean little 
 Steps are timed interleaved (baseline, configured, against, baseline, ...), so load that comes
 and goes on a shared machine falls on all of them alike rather than on one.
 
+The local decoders' cost: the configured model is also timed with one decoder only, on its last
+tap at scale 1 (the same encoder, target, batch and precision), in the same interleaved rounds;
+configured step / top-only step is what the decoders on the lower taps cost on this hardware.
+
 The loader is measured on its own (images/s from the real folder with the configured workers),
 then feeding the configured step, which gives the share of the loop spent waiting for data.
 """
@@ -120,6 +124,8 @@ def benchmark(resolved: Resolved, *, label: str = "configured", against: Resolve
             contenders.append(("eager", eager, f"{label} eager", False))
         if against is not None:
             contenders.append(("against", against.settings, against_label, False))
+        if top := top_only_settings(settings):
+            contenders.append(("top_only", top, f"{label} top-only", False))
         prepared = {key: _prepare(s, name, is_baseline, device, warmup, progress)
                     for key, s, name, is_baseline in contenders}
         advance = progress(f"timing {steps} steps each, interleaved", steps * len(prepared))
@@ -137,9 +143,25 @@ def benchmark(resolved: Resolved, *, label: str = "configured", against: Resolve
             result["vs_eager"] = _ratios(result["configured"], result["eager"])
         if against is not None:
             result["vs_against"] = _ratios(result["configured"], result["against"])
+        if "top_only" in result:
+            result["local_decoders_cost"] = result["configured"]["step_ms"] / result["top_only"]["step_ms"]
+            result["local_decoders_flops"] = (result["configured"]["flops_per_image"]
+                                              / result["top_only"]["flops_per_image"])
         return result
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def top_only_settings(settings: PretrainSettings) -> PretrainSettings | None:
+    """The same model with one decoder, on its last tap at scale 1; None if it has one tap already."""
+    layers = build_model(settings.model).encoder.tap_layers
+    if len(layers) < 2:
+        return None
+    model = settings.model
+    width = model.decoder.width if isinstance(model.decoder.width, int) else model.decoder.width[-1]
+    decoder = model.decoder.model_copy(update={"width": width})
+    return settings.model_copy(update={"model": model.model_copy(
+        update={"taps": [layers[-1]], "scales": [1.0], "decoder": decoder})})
 
 
 def _ratios(top: dict[str, Any], bottom: dict[str, Any]) -> dict[str, float | None]:

@@ -65,7 +65,7 @@ def finetune(
     classification: the published ViT protocol. Global average pooling with a new norm and
     head, layer-wise lr decay, drop path, Mixup/CutMix, RandAugment, random erasing, label
     smoothing, AdamW with warmup + cosine (--preset ft-small: small labelled sets, without the
-    heavy regularisation). The run first scores the --init encoder's k-NN and linear probe on
+    heavy regularisation, its head starting from a linear probe: model.head_init=linear_probe). The run first scores the --init encoder's k-NN and linear probe on
     its own split and ends saying whether fine-tuning beat them (train.init_probes=off skips
     that); train.head_warmup_epochs=N trains the head alone on the frozen encoder first.
 

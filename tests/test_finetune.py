@@ -137,6 +137,34 @@ def test_head_warmup_trains_the_head_alone_then_everything_and_resumes_exactly(t
     assert all(torch.equal(after_all[k], resumed[k]) for k in after_all)
 
 
+def test_linear_probe_head_init_makes_the_model_the_probe(tmp_path_factory):
+    """LP-FT's start: fc_norm and the head fitted on the classifier's own features score the
+    validation images exactly as the probe did, far above a fresh head's chance."""
+    from localmim_cli.config.schema import FinetuneSettings
+    from localmim_cli.engine.distributed import World
+    from localmim_cli.engine.loop import Placement
+    from localmim_cli.tasks.classification.metric import validate
+    from localmim_cli.tasks.classification.model import build_classifier, model_shape
+    from localmim_cli.tasks.classification.probe_head import fit_probe_head
+    from localmim_cli.tasks.features import labelled_split
+    from localmim_cli.weights.sources import load_encoder_weights
+
+    train, _ = photo_sets(tmp_path_factory)
+    weights = load_encoder_weights(tiny_pretrain_run(tmp_path_factory))
+    settings = FinetuneSettings(data={"workers": 0, "val_fraction": 0.3}, model={"head_init": "linear_probe"})
+    split = labelled_split(train, None, 0.3, settings.train.seed)
+    shape = model_shape(settings, weights)
+    model = build_classifier(shape, len(split.classes), settings, weights)
+    placement = Placement(World(), torch.device("cpu"), "fp32")
+    encoder_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("head.", "fc_norm."))}
+    record = fit_probe_head(model, settings, split, shape.img_size, placement)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in encoder_before.items())
+    assert model.training   # left as it was found
+    scored = validate(model, split.val, shape.img_size, settings, placement.device, "fp32", placement.world)
+    assert scored["val_top1"] == pytest.approx(record["val_top1"], abs=1e-4)   # the same images right
+    assert record["val_top1"] >= 50.0, record   # 7 classes: chance is 14%
+
+
 # ------------------------------------------------------------------------------ published checkpoints
 
 

@@ -1,5 +1,6 @@
 """`ft-small` on small real labelled sets: fine-tuning beats the k-NN and the linear probe of the
-same pretrained encoder on the same split, and the run says so itself.
+same pretrained encoder on the same split, and the run says so itself. Its head starts from a
+linear probe (LP-FT), and the best checkpoint is a fine-tuned model that improves on that start.
 
 Sets: Fashion-MNIST (Debian's dataset-fashion-mnist; 10 classes x 100 training / 50 validation
 images, 32 px) and small crops of the built-in sample photos (7 classes x 40 / 20, 32 px). Each
@@ -68,7 +69,11 @@ def test_ft_small_beats_the_probes_of_its_encoder(tmp_path_factory, tmp_path, na
     probes, best = manifest["init_probes"], manifest["best"]["val_top1"]
     assert probes["val_images"] == len(list(val.rglob("*.png")))
     assert best >= max(probes["knn_top1"], probes["linear_top1"]) + MARGIN, (name, best, probes)
+    # Fine-tuning, not the probe, made the best: it scores above the head it started from.
+    start = manifest["head_start"]
+    assert best > start["val_top1"], (name, best, start)
     text = " ".join(r.stdout.split())
+    assert f"head starts from a linear probe (lr {start['lr']:g}" in text
     assert f"k-NN {probes['knn_top1']:.2f}%, linear {probes['linear_top1']:.2f}%: fine-tuning paid" in text
 
     # The figures the run compared with are `localmim evaluate`'s on the same encoder and split.

@@ -65,9 +65,10 @@ def finetune(
     classification: the published ViT protocol. Global average pooling with a new norm and
     head, layer-wise lr decay, drop path, Mixup/CutMix, RandAugment, random erasing, label
     smoothing, AdamW with warmup + cosine (--preset ft-small: small labelled sets, without the
-    heavy regularisation). The run first scores the --init encoder's k-NN and linear probe on
-    its own split and ends saying whether fine-tuning beat them (train.init_probes=off skips
-    that); train.head_warmup_epochs=N trains the head alone on the frozen encoder first.
+    heavy regularisation, the head starting from a linear probe: model.head_init=linear_probe).
+    The run first scores the --init encoder's k-NN and linear probe on its own split and ends
+    saying whether fine-tuning beat them (train.init_probes=off skips that);
+    train.head_warmup_epochs=N trains the head alone on the frozen encoder first.
 
     segmentation: the published ADE20K protocol. The encoder's features at four depths (ViT;
     Swin: its stages) at strides 4-32, UperNet with an FCN auxiliary head, random resize, crop,

@@ -228,6 +228,10 @@ class FinetuneModelSettings(Strict):
                                                           "(position embeddings are resampled when it differs)")
     drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate at the last block")
     head_init_std: float = Field(2e-5, gt=0, description="trunc-normal std of the new classifier head")
+    head_init: Literal["trunc_normal", "linear_probe"] = Field(
+        "trunc_normal", description="how a fresh run's fc_norm and head start: trunc_normal(head_init_std), "
+        "or linear_probe (LP-FT): a linear probe fitted on the --init encoder's pooled, normed features of "
+        "the training images, so fine-tuning starts from the probe's accuracy (one process only)")
 
 
 class FinetuneDataSettings(Strict):

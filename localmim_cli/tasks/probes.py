@@ -171,7 +171,7 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tens
                                  [(best["lr"], best["weight_decay"])], settings.epochs, settings.batch_size, seed)
     with torch.no_grad():
         scores = head(val_x.to(device)).cpu()
-    return {"scores": scores, "sweep": sweep, "best": best, "fit_images": len(fit_idx),
+    return {"scores": scores, "head": head, "sweep": sweep, "best": best, "fit_images": len(fit_idx),
             "holdout_images": len(hold_idx)}
 
 

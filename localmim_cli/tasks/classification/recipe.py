@@ -21,6 +21,7 @@ from localmim_cli.errors import DataError, UsageError
 from localmim_cli.tasks.classification.data import criterion, mixer, train_transform
 from localmim_cli.tasks.classification.init_probes import init_probes, probes_line, verdict, wanted
 from localmim_cli.tasks.classification.metric import validate
+from localmim_cli.tasks.classification.probe_head import fit_probe_head, head_start_line
 from localmim_cli.tasks.classification.model import build_classifier, layer_decay_groups, model_shape, timm_record
 from localmim_cli.tasks.recipe import Recipe, ValidatedTask
 
@@ -143,6 +144,12 @@ class ClassificationTask(ValidatedTask):
             # gradients unsynchronised across processes.
             raise UsageError(f"train.head_warmup_epochs {settings.train.head_warmup_epochs} runs in one process "
                              f"only, not under torchrun with {placement.world.size}; set it to 0")
+        if settings.model.head_init == "linear_probe" and placement.world.size > 1:
+            # The probe is fitted after DDP has broadcast the weights: one process's fit would not
+            # reach the others.
+            raise UsageError(f"model.head_init linear_probe runs in one process only, not under torchrun with "
+                             f"{placement.world.size}; set it to trunc_normal")
+        self.head_start: dict[str, Any] = {}   # the linear probe fc_norm and head started from
 
     def param_groups(self) -> list[dict[str, Any]]:
         opt = self.settings.optim
@@ -190,15 +197,22 @@ class ClassificationTask(ValidatedTask):
         self.init_probes = checkpoint.meta.get("init_probes") or {}
 
     def on_train_start(self, position: "Position", log: "RunLog") -> None:
-        """A fresh run scores the --init encoder's probes first (a resumed one has them)."""
+        """A fresh run scores the --init encoder's probes first and, with model.head_init
+        linear_probe, fits its head (a resumed one has both)."""
         from localmim_cli.engine import runs
 
-        if position.step or not self.placement.world.is_main or not wanted(self.settings, self.split):
+        if position.step or not self.placement.world.is_main:
             return
-        self.init_probes = init_probes(self.settings, self.split, self.shape.img_size, self.placement,
-                                       self.run_dir)
-        runs.update_manifest(self.run_dir, init_probes=self.init_probes)
-        log.note(probes_line(self.init_probes))
+        if wanted(self.settings, self.split):
+            self.init_probes = init_probes(self.settings, self.split, self.shape.img_size, self.placement,
+                                           self.run_dir)
+            runs.update_manifest(self.run_dir, init_probes=self.init_probes)
+            log.note(probes_line(self.init_probes))
+        if self.settings.model.head_init == "linear_probe":
+            self.head_start = fit_probe_head(self.model, self.settings, self.split, self.shape.img_size,
+                                             self.placement)
+            runs.update_manifest(self.run_dir, head_start=self.head_start)
+            log.note(head_start_line(self.head_start))
 
     def data_record(self) -> dict[str, Any]:
         from localmim_cli.data.index import fingerprint

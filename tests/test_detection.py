@@ -359,3 +359,26 @@ def test_evaluating_a_detector_on_a_folder_that_is_not_coco_is_one_line(learned,
     code, err = run_main(capsys, "evaluate", learned, tmp_path, "--device", "cpu")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert str(tmp_path) in err and "annotations.json" in err
+
+
+def test_evaluate_reads_only_the_validation_split_it_scores(learned, scenes, tmp_path, capsys):
+    """With a validation split in DATA, the training annotations are neither read nor checked:
+    a broken training file and missing training images change nothing; the validation split's
+    categories must be those the model was trained on."""
+    data = tmp_path / "data"
+    shutil.copytree(scenes / "val", data / "val")
+    (data / "train").mkdir()
+    (data / "train" / "annotations.json").write_text("{not json")          # and no training images
+    code, err = run_main(capsys, "evaluate", learned / "checkpoints" / "best", data, "--device", "cpu",
+                         "--workers", "0", "--out", tmp_path / "det.json")
+    assert code == 0, err
+    reported = json.loads((tmp_path / "det.json").read_text())
+    best = json.loads((learned / "manifest.json").read_text())["best"]
+    assert reported["images"] == 10 and reported["box"]["AP"] == pytest.approx(best["val_box_AP"], abs=1e-9)
+
+    val = json.loads((data / "val" / "annotations.json").read_text())
+    val["categories"][1]["name"] = "dog"
+    (data / "val" / "annotations.json").write_text(json.dumps(val))
+    code, err = run_main(capsys, "evaluate", learned, data, "--device", "cpu", "--workers", "0")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert str(data / "val" / "annotations.json") in err and "its categories differ from those" in err

@@ -210,10 +210,10 @@ def segmentation_problem(seg: Any, height: int, width: int) -> str | None:
 
 
 def read_split(annotations: Path, images_dir: Path, invalid: str, categories: list[dict[str, Any]] | None = None,
-               need_masks: bool = True) -> CocoSplit:
+               need_masks: bool = True, categories_from: str = "the training split's") -> CocoSplit:
     """Every image and annotation of one file, checked (see the module docstring).
 
-    categories: the categories the split must have (the training split's), or None to take its own."""
+    categories: the categories the split must have (those of `categories_from`), or None to take its own."""
     data = _load_json(annotations)
     where = annotations
     cats = []
@@ -227,8 +227,8 @@ def read_split(annotations: Path, images_dir: Path, invalid: str, categories: li
     if not cats:
         raise DataError(f"{where}: no categories")
     if categories is not None and [(c["id"], c["name"]) for c in cats] != [(c["id"], c["name"]) for c in categories]:
-        raise DataError(f"{where}: its categories differ from the training split's; both splits need the same "
-                        "category ids and names")
+        raise DataError(f"{where}: its categories differ from {categories_from}; both need the same category ids "
+                        "and names")
     label_of = {c["id"]: k + 1 for k, c in enumerate(cats)}
 
     images: dict[int, DetImage] = {}
@@ -338,6 +338,20 @@ def read_det_data(d: DetDataSettings, need_masks: bool, classes: Sequence[str] |
     if not data.train_images:
         raise DataError(f"{train_file}: no training image has an annotation (other than crowd regions)")
     return data
+
+
+def read_scored_split(d: DetDataSettings, need_masks: bool, classes: Sequence[str], category_ids: Sequence[int],
+                      model: str) -> tuple[CocoSplit, bool]:
+    """The split an evaluation scores, checked, and whether it is a validation split: DATA's
+    validation split when it has one (its training annotations are then neither read nor checked),
+    else its one split. Its categories must be the `model`'s (`classes`, `category_ids`)."""
+    _, train, val = find_splits(d)
+    annotations, images_dir = val if val is not None else train
+    run_categories = [{"id": i, "name": n} for i, n in zip(category_ids, classes)]
+    split = read_split(annotations, images_dir, d.invalid, sorted(run_categories, key=lambda c: c["id"]),
+                       need_masks=need_masks, categories_from=f"those {model} was trained on")
+    check_images(split, d.check == "full")
+    return split, val is not None
 
 
 # ---------------------------------------------------------------------------------------------

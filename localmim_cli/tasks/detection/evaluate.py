@@ -3,7 +3,8 @@ by pycocotools on the detections of the validation's own inference (recipe.predi
 metric (metric.py).
 
 What is scored: DATA's validation split (the COCO layout's val annotations, a splits folder's
-val/, as the run read them); a folder with one annotations.json and images/, all of it.
+val/, as the run read them; the training annotations are then not read); a folder with one
+annotations.json and images/, all of it. Its categories must be those the model was trained on.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def evaluate(checkpoint: Path, data: Path, settings: "EvaluateSettings",
              console: "Console") -> tuple[dict[str, Any], Path | None]:
     from localmim_cli.engine.distributed import World, choose_device
     from localmim_cli.engine.loop import Placement, resolve_precision
-    from localmim_cli.tasks.detection.data import read_det_data
+    from localmim_cli.tasks.detection.data import read_scored_split
     from localmim_cli.tasks.detection.metric import ground_truth, scores
     from localmim_cli.tasks.detection.recipe import detector_from_checkpoint, predict_split
     from localmim_cli.weights.locate import checkpoint_folder
@@ -36,9 +37,8 @@ def evaluate(checkpoint: Path, data: Path, settings: "EvaluateSettings",
     masks = bool(meta["detector"]["masks"])
     d = run.data.model_copy(update={"path": Path(data), "val_path": None, "workers": settings.data.workers,
                                     "layout": "auto"})
-    split_data = read_det_data(d, masks, meta["classes"])
-    split = split_data.val or split_data.train
-    what = f"the validation split of {data}" if split_data.val else f"all {len(split.images)} images of {data}"
+    split, is_val = read_scored_split(d, masks, meta["classes"], meta["category_ids"], str(found.folder))
+    what = f"the validation split of {data}" if is_val else f"all {len(split.images)} images of {data}"
     device = choose_device(settings.train.device, World())
     precision = resolve_precision(settings.train.precision, device)
     console.print(f"detection model {found.folder} ({'Mask' if masks else 'Faster'} R-CNN, "

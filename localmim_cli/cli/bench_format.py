@@ -3,6 +3,9 @@ as the tables print them."""
 
 from __future__ import annotations
 
+import json
+from typing import Any, Callable
+
 from localmim_cli.cli.output import err_console
 
 
@@ -51,3 +54,15 @@ def local_decoders_line(step_ratio: float, flop_ratio: float) -> str:
     """The cost of the decoders below the top one: measured, and the FLOP floor beside it."""
     return (f"local decoders: LocalMIM step / same model top-only = {step_ratio:.2f}x "
             f"(FLOPs {flop_ratio:.2f}x: the part no rewrite removes)")
+
+
+def measure_and_report(measure: Callable[[Callable], dict[str, Any]], as_json: bool,
+                       report: Callable[[dict[str, Any]], None]) -> None:
+    """Run `measure(progress)` with progress on stderr; its result as one JSON object on stdout
+    (--json) or as `report` prints it."""
+    with Phases(bar=err_console.is_terminal) as phases:
+        result = measure(phases.start)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        report(result)

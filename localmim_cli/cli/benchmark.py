@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from localmim_cli.cli.options import NO_VALUE, BatchOpt, ConfigOpt, DeviceOpt, PrecisionOpt, PresetOpt, SetOpt
-from localmim_cli.cli.output import console, err_console, note_others_env
-from localmim_cli.cli.bench_format import Phases, human_size, local_decoders_line, ratio_text
+from localmim_cli.cli.output import console, note_others_env
+from localmim_cli.cli.bench_format import human_size, local_decoders_line, measure_and_report, ratio_text
 from localmim_cli.errors import UsageError
 
 
@@ -77,13 +76,10 @@ def benchmark(
     label = preset or (config.name if config else "defaults")
     if set_:
         label += f" + {len(set_)} --set"
-    with Phases(bar=err_console.is_terminal) as phases:
-        result = task.benchmark(resolved, label=label, against=second, against_label=against or "",
-                                steps=steps, warmup=warmup, progress=phases.start)
-    if as_json:
-        print(json.dumps(result))
-    else:
-        print_report(result)
+    measure_and_report(lambda progress: task.benchmark(resolved, label=label, against=second,
+                                                       against_label=against or "", steps=steps,
+                                                       warmup=warmup, progress=progress),
+                       as_json, print_report)
 
 
 def print_report(result: dict[str, Any]) -> None:

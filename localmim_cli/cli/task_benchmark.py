@@ -3,11 +3,10 @@ classification fine-tune step at the same batch and size (tasks/task_benchmark.p
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from localmim_cli.cli.output import console, err_console
+from localmim_cli.cli.output import console
 from localmim_cli.errors import UsageError
 
 
@@ -25,7 +24,7 @@ def dense_task_of(preset: str | None) -> str | None:
 
 def benchmark(task: str, preset: str, sets: list[str] | None, flags: dict[str, Any], *, data: Path | None,
               against: str | None, steps: int, warmup: int, as_json: bool) -> None:
-    from localmim_cli.cli.bench_format import Phases
+    from localmim_cli.cli.bench_format import measure_and_report
     from localmim_cli.config.resolve import resolve_settings
     from localmim_cli.config.tasks import finetune_task
     from localmim_cli.tasks import task_benchmark
@@ -37,13 +36,9 @@ def benchmark(task: str, preset: str, sets: list[str] | None, flags: dict[str, A
     flags.pop("data.path", None)
     resolved = resolve_settings(finetune_task(task).schema, preset, None, sets, flags)
     label = preset + (f" + {len(sets)} --set" if sets else "")
-    with Phases(bar=err_console.is_terminal) as phases:
-        result = task_benchmark.benchmark_task(resolved, label=label, steps=steps, warmup=warmup,
-                                               progress=phases.start)
-    if as_json:
-        print(json.dumps(result))
-    else:
-        print_report(result)
+    measure_and_report(lambda progress: task_benchmark.benchmark_task(resolved, label=label, steps=steps,
+                                                                      warmup=warmup, progress=progress),
+                       as_json, print_report)
 
 
 def print_report(result: dict[str, Any]) -> None:

@@ -137,9 +137,11 @@ def test_head_warmup_trains_the_head_alone_then_everything_and_resumes_exactly(t
     assert all(torch.equal(after_all[k], resumed[k]) for k in after_all)
 
 
-def test_linear_probe_head_init_makes_the_model_the_probe(tmp_path_factory):
+@pytest.mark.parametrize("fc_norm", [True, False], ids=["fc_norm", "no_fc_norm"])
+def test_linear_probe_head_init_makes_the_model_the_probe(tmp_path_factory, fc_norm):
     """LP-FT's start: fc_norm and the head fitted on the classifier's own features score the
-    validation images exactly as the probe did, far above a fresh head's chance."""
+    validation images exactly as the probe did, far above a fresh head's chance. Without an
+    fc_norm (as an encoder plugin's timm model may be) the classifier alone takes the probe."""
     from localmim_cli.config.schema import FinetuneSettings
     from localmim_cli.engine.distributed import World
     from localmim_cli.engine.loop import Placement
@@ -155,6 +157,8 @@ def test_linear_probe_head_init_makes_the_model_the_probe(tmp_path_factory):
     split = labelled_split(train, None, 0.3, settings.train.seed)
     shape = model_shape(settings, weights)
     model = build_classifier(shape, len(split.classes), settings, weights)
+    if not fc_norm:
+        model.fc_norm = torch.nn.Identity()
     placement = Placement(World(), torch.device("cpu"), "fp32")
     encoder_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("head.", "fc_norm."))}
     record = fit_probe_head(model, settings, split, shape.img_size, placement)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -49,7 +50,10 @@ def test_tensorboard_events_hold_every_tag_and_resume_continues_the_curve(tmp_pa
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
     assert acc.Tags()["images"] == ["reconstruction"]
 
-    # resumed from a checkpoint at step 2: step 3 is logged again, once
+    # resumed from a checkpoint at step 2: step 3 is logged again, once. TensorBoard reads event
+    # files in name order, whose second-resolution time comes first (then a per-process counter,
+    # compared as text): a resume is never in the same second as its run's start, nor here.
+    time.sleep(1.1)
     logs = Loggers(["tensorboard"], tmp_path, {}, 2, warnings.append)
     logs.log_metrics({**RECORDS[2], "loss": 0.25})
     logs.close()

@@ -8,7 +8,9 @@ at weight 1 and bias 0), taken from the training images at the evaluation crop. 
 probe (tasks/probes.py, the same sweep as `localmim evaluate --protocol linear`) standardises
 each feature with the training images' mean and std before its head; fc_norm's affine takes that
 standardisation over (weight 1/std, bias -mean/std) and the head takes the probe's weights, so
-the model's logits are the probe's.
+the model's logits are the probe's. A model without an fc_norm (an encoder plugin's timm model,
+e.g. Hiera) has the standardisation folded into its classifier instead: weight W/std, bias
+b - W mean/std, the same logits.
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ def fit_probe_head(model: "torch.nn.Module", settings: "FinetuneSettings", split
     from localmim_cli.errors import UsageError
     from localmim_cli.tasks.features import extract
 
-    if not isinstance(getattr(model, "fc_norm", None), torch.nn.LayerNorm):
-        raise UsageError("model.head_init linear_probe needs a ViT with average pooling and an fc_norm; this "
-                         "model has none: set it to trunc_normal")
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
+    if not isinstance(classifier, torch.nn.Linear):
+        raise UsageError("model.head_init linear_probe needs a model whose classifier is one linear layer; "
+                         "this one's is not: set it to trunc_normal")
+    fc_norm = getattr(model, "fc_norm", None)
+    fc_norm = fc_norm if isinstance(fc_norm, torch.nn.LayerNorm) and fc_norm.elementwise_affine else None
     device, batch = placement.device, settings.train.eval_batch_size or settings.train.batch_size
     crop, workers = settings.data.eval_crop_fraction, settings.data.workers
     pre_logits = _pre_logits(model)
@@ -51,11 +56,15 @@ def fit_probe_head(model: "torch.nn.Module", settings: "FinetuneSettings", split
         fit = probes.linear_probe(train_f, train_y, val_f, val_y, len(split.classes), LinearProbeSettings(),
                                   settings.train.seed, device)
     mean, std = train_f.mean(dim=0), train_f.std(dim=0).clamp_min(1e-6)   # probes.standardize's
+    weight, bias = fit["head"].weight.detach().to(mean), fit["head"].bias.detach().to(mean)
     with torch.no_grad():
-        model.fc_norm.weight.copy_((1 / std).to(model.fc_norm.weight))
-        model.fc_norm.bias.copy_((-mean / std).to(model.fc_norm.bias))
-        model.head.weight.copy_(fit["head"].weight)
-        model.head.bias.copy_(fit["head"].bias)
+        if fc_norm is not None:
+            fc_norm.weight.copy_((1 / std).to(fc_norm.weight))
+            fc_norm.bias.copy_((-mean / std).to(fc_norm.bias))
+        else:
+            weight, bias = weight / std, bias - (weight / std) @ mean
+        classifier.weight.copy_(weight.to(classifier.weight))
+        classifier.bias.copy_(bias.to(classifier.bias))
     record = {"lr": fit["best"]["lr"], "weight_decay": fit["best"]["weight_decay"],
               "holdout_top1": fit["best"]["holdout_top1"]}
     if split.val:

@@ -53,7 +53,7 @@ def ratio_text(r: float | None) -> str:
 def local_decoders_line(step_ratio: float, flop_ratio: float) -> str:
     """The cost of the decoders below the top one: measured, and the FLOP floor beside it."""
     return (f"local decoders: LocalMIM step / same model top-only = {step_ratio:.2f}x "
-            f"(FLOPs {flop_ratio:.2f}x: the part no rewrite removes)")
+            f"(FLOPs {flop_ratio:.2f}x: the floor of the computation)")
 
 
 def measure_and_report(measure: Callable[[Callable], dict[str, Any]], as_json: bool,

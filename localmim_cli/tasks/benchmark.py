@@ -138,11 +138,11 @@ def benchmark(resolved: Resolved, *, label: str = "configured", against: Resolve
             result["data"] = measure_loader(settings, c.model, c.step, device, steps,
                                             result["configured"]["img_per_s"], progress)
         del prepared
-        result["vs_baseline"] = _ratios(result["configured"], result["baseline"])
+        result["vs_baseline"] = ratios(result["configured"], result["baseline"])
         if "eager" in result:
-            result["vs_eager"] = _ratios(result["configured"], result["eager"])
+            result["vs_eager"] = ratios(result["configured"], result["eager"])
         if against is not None:
-            result["vs_against"] = _ratios(result["configured"], result["against"])
+            result["vs_against"] = ratios(result["configured"], result["against"])
         if "top_only" in result:
             result["local_decoders_cost"] = result["configured"]["step_ms"] / result["top_only"]["step_ms"]
             result["local_decoders_flops"] = (result["configured"]["flops_per_image"]
@@ -164,8 +164,9 @@ def top_only_settings(settings: PretrainSettings) -> PretrainSettings | None:
         update={"taps": [layers[-1]], "scales": [1.0], "decoder": decoder})})
 
 
-def _ratios(top: dict[str, Any], bottom: dict[str, Any]) -> dict[str, float | None]:
-    return {k: (top[k] / bottom[k] if bottom[k] else None) for k in RATIO_KEYS}
+def ratios(top: dict[str, Any], bottom: dict[str, Any], keys: tuple[str, ...] = RATIO_KEYS) -> dict[str, float | None]:
+    """top / bottom for each figure in `keys` (None where bottom's is zero)."""
+    return {k: (top[k] / bottom[k] if bottom[k] else None) for k in keys}
 
 
 def _device_name(device: torch.device) -> str:

@@ -67,7 +67,7 @@ def benchmark_task(resolved: Resolved, *, label: str, steps: int = 10, warmup: i
     from localmim_cli.engine.loop import resolve_precision
     from localmim_cli.engine.step_timer import time_interleaved
     from localmim_cli.engine.threads import choose_intra_op_threads
-    from localmim_cli.tasks.benchmark import _device_name
+    from localmim_cli.tasks.benchmark import _device_name, ratios
     from localmim_cli.tasks.finetune import recipe_for
 
     if steps < 1:
@@ -102,8 +102,7 @@ def benchmark_task(resolved: Resolved, *, label: str, steps: int = 10, warmup: i
         for (key, p), times in zip(prepared.items(), seconds):
             result[key] = p.finish(times)
         del prepared
-        top, bottom = result["configured"], result["classification"]
-        result["vs_classification"] = {k: (top[k] / bottom[k] if bottom[k] else None) for k in RATIO_KEYS}
+        result["vs_classification"] = ratios(result["configured"], result["classification"], RATIO_KEYS)
         return result
     finally:
         torch.set_num_threads(previous_threads)

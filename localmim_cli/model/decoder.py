@@ -4,6 +4,11 @@ tokens -> linear embed -> mask tokens re-inserted, unshuffled -> fixed sin-cos p
 transformer block(s) -> norm -> prefix dropped -> grid -> head that changes resolution by the
 tap's scale (transposed convolutions up, average pooling down) -> 1x1 projection to the target.
 Module names follow the published decoders so their checkpoints load key for key.
+
+The loss reads only the masked cells. Above scale 1 the head works token by token (2x2 stride-2
+transposed convolutions, per-pixel norms and 1x1 projections), so the tokens whose cells are read
+can be decoded alone: the last block computes their rows only (block_rows.py), the norm and head
+see only them. Below scale 1 pooling mixes neighbouring tokens, and the decoder runs in full.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from localmim_cli.encoders.base import TapOutput
+from localmim_cli.model.block_rows import block_at_rows
 from localmim_cli.model.positions import sincos_2d
 from localmim_cli.model.init import xavier_linears_unit_norms
 
@@ -70,6 +76,7 @@ class LocalDecoder(nn.Module):
         if scale >= 1 and width % (2 ** round(math.log2(scale))):
             raise ValueError(f"decoder width {width} cannot be halved {round(math.log2(scale))} times")
         self.grid = tuple(grid)
+        self.scale = scale
         self.label = label
         self.embed = nn.Linear(in_dim, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -89,7 +96,33 @@ class LocalDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         xavier_linears_unit_norms(self)
 
-    def forward(self, tap: TapOutput) -> torch.Tensor:
+    @property
+    def decodes_by_token(self) -> bool:
+        """Whether each token's cells depend on that token alone (scale >= 1: no pooling)."""
+        return self.scale >= 1
+
+    def tokens_with_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Which grid tokens have a cell of nonzero weight: (B, cells) at the prediction grid ->
+        (B, h*w) bool, raster order. Needs decodes_by_token."""
+        (h, w), s = self.grid, round(self.scale)
+        return weight.reshape(-1, h, s, w, s).ne(0).any(dim=4).any(dim=2).flatten(1)
+
+    def cells(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The prediction-grid cells of `tokens` (B, n) in the order forward(tap, only=tokens)
+        returns them: token by token, each token's s x s cells row by row. -> (B, n*s*s)"""
+        (h, w), s = self.grid, round(self.scale)
+        sub = torch.arange(s, device=tokens.device)
+        rows = (tokens // w)[:, :, None, None] * s + sub[:, None]   # (B, n, s, 1)
+        cols = (tokens % w)[:, :, None, None] * s + sub             # (B, n, 1, s)
+        return (rows * (w * s) + cols).flatten(1)
+
+    def forward(self, tap: TapOutput, only: torch.Tensor | None = None) -> torch.Tensor:
+        """Predictions at every cell of the grid, row-major: (B, cells, out).
+
+        only: (B, n) raster indices of grid tokens (decodes_by_token decoders): predictions at
+        those tokens' cells alone, in the order cells(only) gives, (B, n*s*s, out); each equals
+        the full forward's at that cell.
+        """
         if tuple(tap.grid) != self.grid:
             raise ValueError(f"encoder tap at {self.label} returned a {tap.grid[0]}x{tap.grid[1]} grid; its "
                              f"decoder was built for {self.grid[0]}x{self.grid[1]} (image side / tap stride)")
@@ -103,9 +136,21 @@ class LocalDecoder(nn.Module):
         x = torch.gather(x, 1, tap.ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = x + self.pos_embed[:, -h * w:]
         x = torch.cat([prefix, x], dim=1)  # prefix positions are zeros: nothing to add
-        for block in self.blocks:
+        if only is None:
+            for block in self.blocks:
+                x = block(x)
+            x = self.norm(x)[:, n_prefix:]
+            x = x.transpose(1, 2).reshape(batch, -1, h, w)  # (B, D, h, w)
+            x = self.pred(x)  # (B, out, h*s, w*s)
+            return x.flatten(2).transpose(1, 2)  # (B, cells, out), row-major
+        if not self.decodes_by_token:
+            raise ValueError(f"the decoder at {self.label} pools neighbouring tokens (scale {self.scale}); "
+                             "it has no per-token path")
+        for block in self.blocks[:-1]:
             x = block(x)
-        x = self.norm(x)[:, n_prefix:]
-        x = x.transpose(1, 2).reshape(batch, -1, h, w)  # (B, D, h, w)
-        x = self.pred(x)  # (B, out, h*s, w*s)
-        return x.flatten(2).transpose(1, 2)  # (B, cells, out), row-major
+        x = self.norm(block_at_rows(self.blocks[-1], x, only + n_prefix))  # (B, n, D)
+        # The tokens as one column of an image: each one's s x s cells come out as rows
+        # s*i .. s*i+s-1 of the column, the head's kernels applied as on the grid.
+        x = self.pred(x.transpose(1, 2).unsqueeze(-1))  # (B, out, n*s, s)
+        s = round(self.scale)
+        return x.reshape(batch, x.shape[1], -1, s, s).permute(0, 2, 3, 4, 1).reshape(batch, -1, x.shape[1])

@@ -41,6 +41,8 @@ class LocalMIMOutput:
     """loss: scalar sum over scales; losses: (S,) per scale; the rest per scale, lowest tap first.
 
     preds[k], targets[k]: (B, cells_k, dim_k); masks[k]: (B, cells_k) loss weights; mask: (B, L).
+    cells[k]: None where those hold every cell of scale k in raster order; else (B, cells_k) the
+    raster indices of the cells they hold (a forward with loss_only).
     """
 
     loss: torch.Tensor
@@ -50,6 +52,7 @@ class LocalMIMOutput:
     masks: list[torch.Tensor] = field(repr=False)
     mask: torch.Tensor = field(repr=False)
     ids_restore: torch.Tensor = field(repr=False)
+    cells: list[torch.Tensor | None] = field(repr=False)
 
 
 def cell_sizes(encoder: MaskedEncoder, scales: list[float]) -> list[int]:
@@ -108,21 +111,48 @@ class LocalMIM(nn.Module):
         return masking_from_noise(noise.to(device), self.mask_ratio)
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> LocalMIMOutput:
-        """images (B, 3, H, W) normalized; noise (B, L) uniform, or mask (B, L) with 1 = hidden."""
+                mask: torch.Tensor | None = None, loss_only: bool = False) -> LocalMIMOutput:
+        """images (B, 3, H, W) normalized; noise (B, L) uniform, or mask (B, L) with 1 = hidden.
+
+        loss_only: decoders predict only the cells the loss weighs, where they can (see
+        loss_tokens); the losses and gradients are the same, while preds[k], targets[k] and
+        masks[k] hold only the cells out.cells[k] (None: scale k was predicted everywhere).
+        """
         masking = self.masking(images.shape[0], images.device, noise, mask)
+        unit_px = self.encoder.unit_px
+        weights = [mask_at_scale(masking.mask, self.encoder.unit_grid, unit_px / cell) for cell in self.cells_px]
+        tokens = self.loss_tokens(weights) if loss_only else [None] * len(weights)
         taps = self.encoder.forward_taps(images, masking.ids_keep, masking.ids_restore)
-        preds = [decoder(tap) for decoder, tap in zip(self.decoders, taps)]
+        preds = [decoder(tap, only=t) for decoder, tap, t in zip(self.decoders, taps, tokens)]
         with torch.no_grad():
             targets = self.target(images)
-        unit_px = self.encoder.unit_px
-        masks, losses = [], []
-        for pred, target, cell in zip(preds, targets, self.cells_px):
-            weight = mask_at_scale(masking.mask, self.encoder.unit_grid, unit_px / cell)
-            per_cell = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, cells)
+        kept, masks, losses, cells = [], [], [], []
+        for decoder, pred, target, weight, t in zip(self.decoders, preds, targets, weights, tokens):
             # clamp: a mask that hides nothing gives a zero loss rather than 0/0
-            losses.append((per_cell * weight).sum() / weight.sum().clamp_min(1e-12))
+            total = weight.sum().clamp_min(1e-12)
+            at = None if t is None else decoder.cells(t)
+            if at is not None:   # the cells left out all weigh zero
+                target = target.gather(1, at.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+                weight = weight.gather(1, at)
+            per_cell = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, cells)
+            losses.append((per_cell * weight).sum() / total)
+            kept.append(target)
             masks.append(weight)
+            cells.append(at)
         losses_t = torch.stack(losses)
-        return LocalMIMOutput(losses_t.sum(), losses_t, preds, targets, masks, masking.mask,
-                              masking.ids_restore)
+        return LocalMIMOutput(losses_t.sum(), losses_t, preds, kept, masks, masking.mask,
+                              masking.ids_restore, cells)
+
+    def loss_tokens(self, weights: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Per decoder, the tokens (B, n) whose cells carry loss weight, raster order, or None
+        where the decoder runs in full: it pools (scale < 1), its rows need different counts
+        (decoders batch their rows: a user's mask may hide more in one image), or every token
+        (or none) is needed."""
+        needed = {k: d.tokens_with_weight(w) for k, (d, w) in enumerate(zip(self.decoders, weights))
+                  if d.decodes_by_token}
+        counts = torch.stack([n.sum(dim=1) for n in needed.values()]).tolist() if needed else []   # one host sync
+        tokens: list[torch.Tensor | None] = [None] * len(weights)
+        for (k, n), row_counts in zip(needed.items(), counts):
+            if len(set(row_counts)) == 1 and 0 < row_counts[0] < n.shape[1]:
+                tokens[k] = n.nonzero()[:, 1].reshape(n.shape[0], -1)   # row-major: each row's in order
+        return tokens

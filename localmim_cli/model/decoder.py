@@ -149,8 +149,8 @@ class LocalDecoder(nn.Module):
         for block in self.blocks[:-1]:
             x = block(x)
         x = self.norm(block_at_rows(self.blocks[-1], x, only + n_prefix))  # (B, n, D)
-        # The tokens as one column of an image: each one's s x s cells come out as rows
-        # s*i .. s*i+s-1 of the column, the head's kernels applied as on the grid.
-        x = self.pred(x.transpose(1, 2).unsqueeze(-1))  # (B, out, n*s, s)
-        s = round(self.scale)
-        return x.reshape(batch, x.shape[1], -1, s, s).permute(0, 2, 3, 4, 1).reshape(batch, -1, x.shape[1])
+        # The tokens as one row of an image: token i's s x s cells come out as columns
+        # s*i .. s*i+s-1 of s rows, the head's kernels applied as on the grid.
+        x = self.pred(x.transpose(1, 2).unsqueeze(2))  # (B, out, s, n*s)
+        s, out = round(self.scale), x.shape[1]
+        return x.reshape(batch, out, s, -1, s).permute(0, 3, 2, 4, 1).reshape(batch, -1, out)

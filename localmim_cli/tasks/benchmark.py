@@ -7,7 +7,8 @@ step) and warmed up in turn, its peak memory measured as growth over what was al
 
 The baseline is the straightforward eager path: the same model and step at fp32 (fp16 autocast
 with a gradient scaler on CUDA, as published), with the HOG target computed the published way
-(targets/hog_reference.py: per scale and per colour channel, the whole gradient pipeline again).
+(targets/hog_reference.py: per scale and per colour channel, the whole gradient pipeline again)
+and decoders that predict every cell, as published (pretraining predicts only what the loss reads).
 Every figure comes with its ratio configured / baseline; bare times mean little on their own.
 
 Steps are timed interleaved (baseline, configured, against, baseline, ...), so load that comes
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils import flop_counter
 
 from localmim_cli.config.layers import Resolved
 from localmim_cli.config.resolve import resolve_settings
@@ -260,20 +261,21 @@ def _prepare(settings: PretrainSettings, name: str, is_baseline: bool, device: t
 
 
 def training_step(model: LocalMIM, settings: PretrainSettings, precision: str, device: torch.device,
-                  published: bool = False) -> Callable[[torch.Tensor, torch.Tensor], None]:
+                  published: bool = False, loss_only: bool | None = None) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """step(images, noise): one optimizer step exactly as the pretraining loop takes it (with
-    `published`, torch's default AdamW, as the published code makes it). `step.optimizer` is
-    its optimizer."""
+    `published`, torch's default AdamW and decoders predicting every cell, as the published code
+    does; `loss_only` sets the latter alone). `step.optimizer` is its optimizer."""
     opt = settings.optim
     lr = opt.lr if opt.lr is not None else opt.base_lr * settings.train.batch_size / 256
     groups = param_groups(model, opt.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=opt.betas) if published else \
         adamw.adamw(groups, lr=lr, betas=opt.betas)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loss_only = not published if loss_only is None else loss_only
 
     def step(images: torch.Tensor, noise: torch.Tensor) -> None:
         with autocast(precision, device):
-            loss = model(images, noise=noise).loss
+            loss = model(images, noise=noise, loss_only=loss_only).loss
         scaler.scale(loss).backward()
         optimizer_step(model, optimizer, scaler, lr, opt.clip_grad)
     step.optimizer = optimizer
@@ -289,9 +291,23 @@ def synthetic_batch(batch: int, img_size: int, num_units: int, seed: int,
     return images.to(device), noise.to(device)
 
 
+def _sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch counts the GPU kernels of scaled_dot_product_attention, not the CPU one (its shapes are
+# the same: batch, heads, rows, head width)
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa,
+                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward}
+
+
 def count_flops(step: Callable[[], None]) -> int:
     """FLOPs of one call (matrix products, convolutions, attention; forward and backward)."""
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
         step()
     return int(counter.get_total_flops())
 

@@ -184,7 +184,8 @@ class PretrainTask(TrainingTask):
 
     def forward(self, net: torch.nn.Module, batch: dict[str, torch.Tensor], epoch: int, micro_step: int):
         images = batch["image"]
-        out = net(images, noise=batch["noise"])
+        # Training reads the losses only: the decoders skip the cells that weigh nothing.
+        out = net(images, noise=batch["noise"], loss_only=True)
         return out.loss, out.losses, images.shape[0]
 
     def loss_fields(self, losses: list[float]) -> dict[str, float]:
